@@ -1,0 +1,3 @@
+"""lrfeatures: how the initial learning rate shapes what a neural network learns."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,340 @@
+"""Automatic detection of the training regimes 1, 2A, 2B, 3 along the PLR grid (SPEC §1).
+
+Inputs are the store's tables (notes: metrics = pre-training traces, evaluations = final
+models). Every threshold lives in `RegimeCriteria`; the rules are:
+
+Per pre-training run (one PLR, one (data_seed, train_seed)), over its logged steps in order:
+  tail  = the last `tail_fraction` of the logs, head = the first `head_fraction`,
+  mid   = a window as long as the tail that ends at the middle of the run.
+  tail_train_loss, tail_train_acc = mean train loss / accuracy over the tail;
+  grad_ratio    = mean grad norm over the tail / over the head (grad_norm_mean, falling back
+                  to grad_norm where it is missing);
+  descent_ratio = tail_train_loss / mean train loss over mid.
+Post-training quality: the test accuracy of every fine-tuned model with FLR < PLR (when
+`finetune_below_plr_only`; FLR >= PLR is not fine-tuning) and of the SWA models with K in
+`swa_ks` (None: the largest K only, since a 2-checkpoint average is still the bouncing
+pre-trained model). A diverged model counts as chance. Each such model is a "variant".
+
+Regime vote, in this order:
+  "3" if the run diverged (non-finite loss can be neither convergence nor equilibrium);
+  "1" if it converges: tail_train_loss < loss_threshold, OR grad_ratio < grad_collapse_ratio
+      (the stochastic gradient collapses at a minimum but not in a bouncing equilibrium), OR
+      descent_ratio < descent_ratio threshold (the loss is still falling, so it has not
+      settled at a non-zero level). Any criterion set to None is off;
+  "3" if it stays at chance: tail_train_acc < chance + chance_margin, OR the best variant
+      test accuracy <= chance + post_chance_margin (no better than a random walk);
+  "2" otherwise, split into
+  "2A" if the variants agree and are the best anywhere: spread (max - min over variants)
+       <= spread_tolerance AND best >= global_best - best_tolerance, where global_best is the
+       best variant (seed-mean) accuracy over all PLRs; "2B" otherwise; "2" if no variant
+       exists for that PLR (no fine-tuning / SWA data).
+
+Per PLR, the raw label applies the same rules to the `aggregate` (median by default) over
+seeds of each statistic (diverged: more than half the seeds; spread and best: of the per-
+variant seed means). Every seed also votes with its own statistics.
+
+Monotonicity: regimes must be ordered 1 < 2 < 3 in PLR, and 2A < 2B inside regime 2. The
+final labels are the monotone sequence that changes the fewest raw labels; ties are broken by
+the per-seed votes (fewest disagreeing seeds). This is solved exactly by dynamic programming,
+first over {1, 2, 3}, then over {2A, 2B} inside the regime-2 block.
+
+confidence = fraction of seeds whose own vote equals the final label, halved when the
+monotone rule changed that PLR's raw label; NaN for a 2A/2B label inferred for a PLR that
+has no variants. A boundary lies between the last PLR of the lower regime and the first of
+the upper one: estimate = their geometric mean, margin = half their log10 gap (decades),
+confidence = the lower of the two PLRs' confidences. A boundary is None when the grid lacks
+either side (e.g. every PLR converges).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from lrfeatures.errors import ConfigError, DataError
+
+RUN_KEYS = ["plr", "data_seed", "train_seed"]
+BOUNDARY_NAMES = ("1/2", "2A/2B", "2/3")
+
+
+@dataclass(frozen=True)
+class RegimeCriteria:
+    """Thresholds of the regime rules (see the module docstring); None turns a criterion off."""
+
+    chance: float = 0.5                        # 0.5 synthetic, 1/classes for images
+    tail_fraction: float = 0.1                 # last part of the logs used for "final" values
+    head_fraction: float = 0.1                 # first part: the early grad-norm level
+    loss_threshold: float | None = 1e-2        # 1: final train loss below this
+    grad_collapse_ratio: float | None = 0.1    # 1: tail grad norm below this × head grad norm
+    descent_ratio: float | None = 0.7          # 1: tail loss below this × mid-run loss
+    chance_margin: float = 0.05                # 3: final train acc below chance + this
+    post_chance_margin: float | None = 0.02    # 3: best fine-tuned/SWA test acc <= chance + this
+    spread_tolerance: float = 0.02             # 2A: max - min test acc over variants
+    best_tolerance: float = 0.01               # 2A: best variant within this of the global best
+    finetune_below_plr_only: bool = True       # variants: only FLR < PLR
+    swa_ks: tuple[int, ...] | None = None      # variants: SWA K values (None: largest; (): none)
+    aggregate: str = "median"                  # "median" or "mean" over seeds
+
+    def __post_init__(self):
+        if not 0 < self.chance < 1:
+            raise ConfigError(f"chance={self.chance} must lie in (0, 1); use 1/num_classes")
+        for name in ("tail_fraction", "head_fraction"):
+            if not 0 < getattr(self, name) <= 0.5:
+                raise ConfigError(f"{name}={getattr(self, name)} must lie in (0, 0.5]; e.g. 0.1")
+        if self.aggregate not in ("median", "mean"):
+            raise ConfigError(f"aggregate={self.aggregate!r} is unknown; use 'median' or 'mean'")
+        for name in ("loss_threshold", "grad_collapse_ratio", "descent_ratio", "chance_margin",
+                     "post_chance_margin", "spread_tolerance", "best_tolerance"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{name}={value} is negative; use a value >= 0 (or None to disable)")
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """Where one regime ends and the next starts on the PLR grid."""
+
+    lower_plr: float    # last PLR of the lower regime
+    upper_plr: float    # first PLR of the upper regime
+    estimate: float     # geometric mean of the two
+    margin: float       # half the log10 gap: the estimate is uncertain by ± this many decades
+    confidence: float   # the lower confidence of the two PLRs
+
+
+@dataclass
+class RegimeReport:
+    """Per-PLR regimes with the statistics behind them, and the boundaries between regimes."""
+
+    per_plr: pd.DataFrame
+    boundaries: dict[str, Boundary | None]
+    criteria: RegimeCriteria = field(default_factory=RegimeCriteria)
+    global_best: float = float("nan")
+
+    def to_json(self) -> dict:
+        """A JSON-serialisable dict (NaN becomes None)."""
+        finite = lambda x: float(x) if x is not None and math.isfinite(x) else None  # noqa: E731
+        return {
+            "criteria": asdict(self.criteria),
+            "global_best": finite(self.global_best),
+            "per_plr": json.loads(self.per_plr.to_json(orient="records")),
+            "boundaries": {name: None if b is None else {k: finite(v) for k, v in asdict(b).items()}
+                           for name, b in self.boundaries.items()},
+        }
+
+
+def _require(table: pd.DataFrame, columns: list[str], name: str) -> None:
+    missing = [c for c in columns if c not in table]
+    if missing:
+        raise DataError(f"{name} table lacks columns {missing}; pass the {name}.parquet table "
+                        "written by the store")
+
+
+def _ratio(numerator, denominator):
+    """numerator / denominator, NaN where the denominator is not positive."""
+    num, den = np.asarray(numerator, float), np.asarray(denominator, float)
+    return np.divide(num, den, out=np.full_like(num, np.nan), where=den > 0)
+
+
+def run_statistics(metrics: pd.DataFrame, criteria: RegimeCriteria) -> pd.DataFrame:
+    """Per pre-training run (plr, data_seed, train_seed): tail/head/mid trace statistics."""
+    _require(metrics, ["stage", *RUN_KEYS, "step", "train_loss", "train_acc", "grad_norm"], "metrics")
+    pre = metrics[metrics["stage"] == "pretrain"]
+    if pre.empty:
+        raise DataError("metrics table has no pretrain rows; run pre-training before detecting regimes")
+    pre = pre.sort_values(RUN_KEYS + ["step"], kind="stable", ignore_index=True)
+    runs = pre.groupby(RUN_KEYS, sort=False)
+    n = runs["step"].transform("size").to_numpy()
+    pos = runs.cumcount().to_numpy()
+    tail_len = np.maximum(1, np.ceil(criteria.tail_fraction * n))
+    tail = pos >= n - tail_len
+    head = pos < np.maximum(1, np.ceil(criteria.head_fraction * n))
+    mid_end = np.maximum(1, n // 2)
+    mid = (pos < mid_end) & (pos >= mid_end - tail_len)
+    grad = pre["grad_norm"]
+    if "grad_norm_mean" in pre:
+        grad = pre["grad_norm_mean"].fillna(grad)
+    diverged = pre["diverged"].astype(bool) if "diverged" in pre else pd.Series(False, index=pre.index)
+    diverged = diverged | ~np.isfinite(pre["train_loss"].to_numpy(float))
+    frame = pd.DataFrame({
+        **{k: pre[k] for k in RUN_KEYS},
+        "tail_train_loss": pre["train_loss"].where(tail),
+        "tail_train_acc": pre["train_acc"].where(tail),
+        "grad_tail": grad.where(tail),
+        "grad_head": grad.where(head),
+        "mid_train_loss": pre["train_loss"].where(mid),
+        "diverged": diverged,
+    })
+    stats = frame.groupby(RUN_KEYS, sort=True).agg(
+        tail_train_loss=("tail_train_loss", "mean"), tail_train_acc=("tail_train_acc", "mean"),
+        grad_tail=("grad_tail", "mean"), grad_head=("grad_head", "mean"),
+        mid_train_loss=("mid_train_loss", "mean"), diverged=("diverged", "any"),
+    ).reset_index()
+    stats["grad_ratio"] = _ratio(stats["grad_tail"], stats["grad_head"])
+    stats["descent_ratio"] = _ratio(stats["tail_train_loss"], stats["mid_train_loss"])
+    return stats
+
+
+def variant_accuracies(evaluations: pd.DataFrame | None, criteria: RegimeCriteria) -> pd.DataFrame:
+    """Test accuracy of every post-training variant: columns RUN_KEYS, variant, test_acc."""
+    columns = RUN_KEYS + ["variant", "test_acc"]
+    if evaluations is None or evaluations.empty:
+        return pd.DataFrame({"plr": pd.Series(dtype=float), "data_seed": pd.Series(dtype="int64"),
+                             "train_seed": pd.Series(dtype="int64"), "variant": pd.Series(dtype=str),
+                             "test_acc": pd.Series(dtype=float)})
+    _require(evaluations, ["stage", *RUN_KEYS, "flr", "swa_k", "test_acc"], "evaluations")
+    finetune = evaluations[evaluations["stage"] == "finetune"]
+    if criteria.finetune_below_plr_only:
+        finetune = finetune[finetune["flr"] < finetune["plr"]]
+    swa = evaluations[evaluations["stage"] == "swa"]
+    if criteria.swa_ks is None:
+        swa = swa[swa["swa_k"] == swa["swa_k"].max()]
+    else:
+        swa = swa[swa["swa_k"].isin(criteria.swa_ks)]
+    finetune = finetune.assign(variant="flr=" + finetune["flr"].map(repr))
+    swa = swa.assign(variant="swa_k=" + swa["swa_k"].map(str))
+    variants = pd.concat([finetune, swa], ignore_index=True)
+    acc = variants["test_acc"].astype(float)
+    if "diverged" in variants:
+        acc = acc.where(~variants["diverged"].astype(bool), criteria.chance)
+    return variants.assign(test_acc=acc.fillna(criteria.chance))[columns]
+
+
+def _label_123(diverged, loss, acc, grad_ratio, descent, post_best, c: RegimeCriteria) -> np.ndarray:
+    """Vectorised 1 / 2 / 3 rule of the module docstring; NaN statistics never satisfy a test."""
+    with np.errstate(invalid="ignore"):
+        converged = np.zeros(len(loss), bool)
+        if c.loss_threshold is not None:
+            converged |= np.asarray(loss, float) < c.loss_threshold
+        if c.grad_collapse_ratio is not None:
+            converged |= np.asarray(grad_ratio, float) < c.grad_collapse_ratio
+        if c.descent_ratio is not None:
+            converged |= np.asarray(descent, float) < c.descent_ratio
+        at_chance = np.asarray(acc, float) < c.chance + c.chance_margin
+        if c.post_chance_margin is not None:
+            at_chance |= np.asarray(post_best, float) <= c.chance + c.post_chance_margin
+    return np.where(np.asarray(diverged, bool), "3", np.where(converged, "1", np.where(at_chance, "3", "2")))
+
+
+def _label_2ab(spread, best, global_best: float, c: RegimeCriteria) -> np.ndarray:
+    """'2A' / '2B', or '' where there is no variant to judge."""
+    spread, best = np.asarray(spread, float), np.asarray(best, float)
+    with np.errstate(invalid="ignore"):
+        is_a = (spread <= c.spread_tolerance) & (best >= global_best - c.best_tolerance)
+    return np.where(np.isnan(best), "", np.where(is_a, "2A", "2B"))
+
+
+def _monotone_labels(cost: np.ndarray) -> np.ndarray:
+    """Non-decreasing label indices [n] minimising the summed cost[p, label] (exact DP)."""
+    n, k = cost.shape
+    total, back = cost.copy(), np.zeros((n, k), int)
+    for p in range(1, n):
+        prev = total[p - 1]
+        best_prev = np.array([int(np.argmin(prev[:label + 1])) for label in range(k)])
+        back[p] = best_prev
+        total[p] += prev[best_prev]
+    labels = np.empty(n, int)
+    labels[-1] = int(np.argmin(total[-1]))
+    for p in range(n - 1, 0, -1):
+        labels[p - 1] = back[p, labels[p]]
+    return labels
+
+
+def _resolve(raw: np.ndarray, fractions: np.ndarray, names: list[str]) -> np.ndarray:
+    """Monotone labels: fewest changes of `raw` first, then fewest disagreeing seeds."""
+    tie_weight = 1.0 / (len(raw) + 1)  # all tie-break terms together stay below one change
+    changed = np.array([[r != "" and r != name for name in names] for r in raw], float)
+    cost = changed + tie_weight * (1 - np.nan_to_num(fractions, nan=1.0))
+    return np.asarray(names)[_monotone_labels(cost)]
+
+
+def _boundary(per_plr: pd.DataFrame, lower: set[str], upper: set[str]) -> Boundary | None:
+    low = per_plr[per_plr["regime"].isin(lower)]
+    high = per_plr[per_plr["regime"].isin(upper)]
+    if low.empty or high.empty:
+        return None
+    last, first = low.iloc[-1], high.iloc[0]
+    confidence = np.nanmin([last["confidence"], first["confidence"]]) \
+        if np.isfinite([last["confidence"], first["confidence"]]).any() else float("nan")
+    return Boundary(lower_plr=float(last["plr"]), upper_plr=float(first["plr"]),
+                    estimate=float(math.sqrt(last["plr"] * first["plr"])),
+                    margin=float(0.5 * math.log10(first["plr"] / last["plr"])),
+                    confidence=float(confidence))
+
+
+def detect_regimes(metrics: pd.DataFrame, evaluations: pd.DataFrame | None,
+                   criteria: RegimeCriteria = RegimeCriteria()) -> RegimeReport:
+    """Label every PLR with regime 1 / 2A / 2B / 3 and locate the boundaries (see module docstring)."""
+    c = criteria
+    seeds = run_statistics(metrics, c)
+    variants = variant_accuracies(evaluations, c)
+
+    # Post-training quality per seed and per PLR (spread and best of the per-variant seed means).
+    per_seed_post = variants.groupby(RUN_KEYS)["test_acc"].agg(seed_best="max", seed_min="min")
+    per_seed_post["seed_spread"] = per_seed_post["seed_best"] - per_seed_post["seed_min"]
+    variant_means = variants.groupby(["plr", "variant"])["test_acc"].mean().groupby(level="plr")
+    per_plr_post = pd.DataFrame({"post_best": variant_means.max(),
+                                 "post_spread": variant_means.max() - variant_means.min(),
+                                 "n_variants": variant_means.size()})
+    global_best = float(per_plr_post["post_best"].max()) if len(per_plr_post) else float("nan")
+
+    # Per-seed votes.
+    seeds = seeds.merge(per_seed_post.reset_index(), on=RUN_KEYS, how="left")
+    vote = _label_123(seeds["diverged"], seeds["tail_train_loss"], seeds["tail_train_acc"],
+                      seeds["grad_ratio"], seeds["descent_ratio"], seeds["seed_best"], c)
+    sub = _label_2ab(seeds["seed_spread"], seeds["seed_best"], global_best, c)
+    seeds["vote"] = np.where((vote == "2") & (sub != ""), sub, vote)
+    seeds["vote_group"] = vote
+
+    # Per-PLR aggregates and raw labels.
+    stat_cols = ["tail_train_loss", "tail_train_acc", "grad_ratio", "descent_ratio"]
+    by_plr = seeds.groupby("plr", sort=True)
+    per_plr = by_plr[stat_cols].agg(c.aggregate)
+    per_plr.insert(0, "n_seeds", by_plr.size())
+    per_plr.insert(1, "n_diverged", by_plr["diverged"].sum())
+    per_plr = per_plr.join(per_plr_post, how="left").reset_index()
+    per_plr["n_variants"] = per_plr["n_variants"].fillna(0).astype(int)
+    raw_group = _label_123(per_plr["n_diverged"] > per_plr["n_seeds"] / 2, per_plr["tail_train_loss"],
+                           per_plr["tail_train_acc"], per_plr["grad_ratio"], per_plr["descent_ratio"],
+                           per_plr["post_best"], c)
+    raw_sub = _label_2ab(per_plr["post_spread"], per_plr["post_best"], global_best, c)
+    per_plr["raw_regime"] = np.where((raw_group == "2") & (raw_sub != ""), raw_sub, raw_group)
+
+    # Vote fractions per PLR, over all seeds (frac_*) and over seeds with a 2A/2B vote (sub).
+    counts = pd.crosstab(seeds["plr"], seeds["vote"]).reindex(
+        index=per_plr["plr"], columns=["1", "2", "2A", "2B", "3"], fill_value=0)
+    n_seeds = per_plr["n_seeds"].to_numpy(float)
+    frac = {name: counts[name].to_numpy(float) / n_seeds for name in counts.columns}
+    frac_2 = frac["2"] + frac["2A"] + frac["2B"]
+    n_sub = (counts["2A"] + counts["2B"]).to_numpy(float)
+    sub_frac = np.stack([_ratio(counts["2A"], n_sub), _ratio(counts["2B"], n_sub)], axis=1)
+
+    # Monotone resolution: first 1 < 2 < 3, then 2A < 2B inside the regime-2 block.
+    group = _resolve(raw_group, np.stack([frac["1"], frac_2, frac["3"]], axis=1), ["1", "2", "3"])
+    final = group.astype(object)
+    block = np.flatnonzero(group == "2")
+    if len(block) and (raw_sub[block] != "").any():
+        final[block] = _resolve(raw_sub[block], sub_frac[block], ["2A", "2B"])
+    per_plr["regime"] = final.astype(str)
+
+    own = {"1": frac["1"], "2": frac_2, "2A": frac["2A"], "2B": frac["2B"], "3": frac["3"]}
+    confidence = np.choose(pd.Categorical(final, categories=list(own)).codes, list(own.values()))
+    inferred = np.isin(final, ["2A", "2B"]) & (raw_sub == "")
+    relabelled = (final != per_plr["raw_regime"].to_numpy()) & ~inferred
+    confidence = np.where(relabelled, confidence / 2, confidence)
+    per_plr["confidence"] = np.where(inferred, np.nan, confidence)
+    per_plr["relabelled"] = relabelled
+    for name, values in frac.items():
+        per_plr[f"frac_{name}"] = values
+
+    ordered = ["plr", "regime", "confidence", "raw_regime", "relabelled", "n_seeds", "n_diverged"]
+    per_plr = per_plr[ordered + [col for col in per_plr if col not in ordered]]
+    boundaries = {
+        "1/2": _boundary(per_plr, {"1"}, {"2", "2A", "2B"}),
+        "2A/2B": _boundary(per_plr, {"2A"}, {"2B"}),
+        "2/3": _boundary(per_plr, {"2", "2A", "2B"}, {"3"}),
+    }
+    return RegimeReport(per_plr=per_plr, boundaries=boundaries, criteria=c, global_best=global_best)

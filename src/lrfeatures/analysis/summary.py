@@ -1,0 +1,100 @@
+"""summary.json: per-PLR numbers averaged over seeds, regimes and geometry, for scripts and plots.
+
+Its schema is documented in the README ("summary.json"). Every number is a plain float,
+NaN is written as null.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .. import __version__
+from ..config import to_dict
+from ..store import ExperimentStore, write_json
+from .features import feature_table_summary
+from .regimes import detect_regimes
+
+
+def mean_std(values: pd.Series) -> dict[str, float | None]:
+    """Mean and sample std over seeds."""
+    values = values.astype(float)
+    return {"mean": clean(values.mean()), "std": clean(values.std(ddof=1)) if len(values) > 1 else None}
+
+
+def quantiles(values: pd.Series) -> dict[str, float | None]:
+    """Median, quartiles, mean and std (for barriers, which are skewed)."""
+    values = values.astype(float).dropna()
+    if values.empty:
+        return {"median": None, "q25": None, "q75": None, "mean": None, "std": None}
+    return {"median": clean(values.median()), "q25": clean(values.quantile(0.25)),
+            "q75": clean(values.quantile(0.75)), **mean_std(values)}
+
+
+def clean(value: Any) -> float | None:
+    """A JSON-safe float (None for NaN/inf)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def stage_block(evaluations: pd.DataFrame, feature_stats: pd.DataFrame | None) -> dict[str, Any]:
+    """Seed statistics of one group of models (one stage at one PLR/FLR/K)."""
+    block = {name: mean_std(evaluations[name]) for name in ("train_loss", "train_acc", "test_loss", "test_acc")}
+    block["diverged_fraction"] = clean(evaluations["diverged"].mean())
+    if feature_stats is not None and len(feature_stats):
+        row = feature_stats.iloc[0]
+        ranks = sorted(int(c[5:-5]) for c in feature_stats.columns if c.startswith("rank_") and c.endswith("_mean"))
+        block["sorted_feature_acc"] = {"mean": [clean(row[f"rank_{r}_mean"]) for r in ranks],
+                                       "std": [clean(row[f"rank_{r}_std"]) for r in ranks]}
+        block["sparsity_index"] = {"mean": clean(row["sparsity_mean"]), "std": clean(row["sparsity_std"])}
+        block["effective_features"] = {"mean": clean(row["n_eff_mean"]), "std": clean(row["n_eff_std"])}
+    return block
+
+
+def build_summary(store: ExperimentStore) -> dict[str, Any]:
+    """The summary of a finished experiment, from its merged tables."""
+    cfg = store.config()
+    metrics, evaluations = store.table("metrics"), store.table("evaluations")
+    features = store.table("features") if (store.root / "features.parquet").is_file() else None
+    geometry = store.table("geometry") if (store.root / "geometry.parquet").is_file() else None
+    feature_stats = feature_table_summary(features, evaluations) if features is not None and len(features) else None
+    regimes = detect_regimes(metrics[metrics["stage"] == "pretrain"], evaluations)
+    regime_of = dict(zip(regimes.per_plr["plr"], regimes.per_plr["regime"]))
+
+    def stats_for(stage: str, plr: float, flr: float = math.nan, k: int = 0):
+        if feature_stats is None:
+            return None
+        mask = (feature_stats["stage"] == stage) & np.isclose(feature_stats["plr"], plr) & (feature_stats["swa_k"] == k)
+        mask &= feature_stats["flr"].isna() if math.isnan(flr) else np.isclose(feature_stats["flr"], flr)
+        return feature_stats[mask]
+
+    per_plr = []
+    for plr in cfg.pretrain.lrs:
+        at_plr = evaluations[np.isclose(evaluations["plr"], plr)]
+        entry: dict[str, Any] = {"plr": plr, "regime": regime_of.get(plr)}
+        entry["pretrain"] = stage_block(at_plr[at_plr["stage"] == "pretrain"], stats_for("pretrain", plr))
+        entry["finetune"] = {repr(flr): stage_block(at_plr[(at_plr["stage"] == "finetune")
+                                                           & np.isclose(at_plr["flr"], flr)],
+                                                    stats_for("finetune", plr, flr))
+                             for flr in cfg.finetune.lrs}
+        entry["swa"] = {str(k): stage_block(at_plr[(at_plr["stage"] == "swa") & (at_plr["swa_k"] == k)],
+                                            stats_for("swa", plr, k=k)) for k in cfg.swa.ks}
+        if geometry is not None and len(geometry):
+            at = geometry[np.isclose(geometry["plr"], plr)]
+            entry["geometry"] = {pair: {name: quantiles(group[name])
+                                        for name in ("angle", "train_barrier", "test_barrier")}
+                                 for pair, group in at.groupby("pair")}
+        per_plr.append(entry)
+    return {"version": __version__, "name": cfg.name, "config": to_dict(cfg),
+            "plrs": list(cfg.pretrain.lrs), "flrs": list(cfg.finetune.lrs), "swa_ks": list(cfg.swa.ks),
+            "regimes": regimes.to_json(), "per_plr": per_plr}
+
+
+def write_summary(store: ExperimentStore) -> dict[str, Any]:
+    """Build summary.json and write it into the experiment directory."""
+    summary = build_summary(store)
+    write_json(store.root / "summary.json", summary)
+    return summary

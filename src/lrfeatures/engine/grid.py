@@ -1,0 +1,165 @@
+"""The grid engine: a whole LR x seed grid of models as one batched program.
+
+All models of a chunk step in lockstep: one batched forward/backward (see kernels.py), one
+batched sphere step, and a device-side divergence mask, so a step never waits on the host.
+Evaluation is batched over models too, at the task's log cadence. The grid is split into
+chunks of models that fit a memory budget.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..data.batches import batch_indices
+from ..sphere import sphere_step
+from .common import LOG_FIELDS, GridResult, GridTask, loss_and_correct
+from .kernels import kernel_for
+
+STEPS_PER_BLOCK = 512  # batch indices are drawn this many steps at a time
+
+
+def activation_elements(template: nn.Module, sample: torch.Tensor) -> int:
+    """Elements of every module output for one input sample (a proxy for activation memory)."""
+    total = 0
+
+    def count(_module, _inputs, output):
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output[0].numel()
+
+    handles = [m.register_forward_hook(count) for m in template.modules() if not list(m.children())]
+    with torch.no_grad():
+        template(sample[:1])
+    for handle in handles:
+        handle.remove()
+    return max(total, 1)
+
+
+def plan_chunks(task: GridTask, bytes_per_model: int, budget_bytes: float) -> list[torch.Tensor]:
+    """Contiguous index ranges of models whose working set fits in the budget."""
+    per_chunk = max(1, int(budget_bytes // bytes_per_model))
+    return [torch.arange(lo, min(lo + per_chunk, task.num_models))
+            for lo in range(0, task.num_models, per_chunk)]
+
+
+@torch.no_grad()
+def evaluate_grid(kernel, theta: torch.Tensor, frozen, x: torch.Tensor, y: torch.Tensor,
+                  chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean loss [M] and accuracy [M] of every model on a shared set, in sample chunks."""
+    loss_sum = torch.zeros(theta.shape[0], device=theta.device, dtype=theta.dtype)
+    correct_sum = torch.zeros_like(loss_sum)
+    for lo in range(0, len(x), chunk_size):
+        logits = kernel.forward(theta, frozen, x[lo:lo + chunk_size], True)
+        loss, correct = loss_and_correct(logits, y[lo:lo + chunk_size])
+        loss_sum += loss.sum(1)
+        correct_sum += correct.sum(1)
+    return loss_sum / len(x), correct_sum / len(x)
+
+
+EVAL_CHUNK = 1024  # samples per evaluation pass
+
+
+def evaluate_models(make_model: Callable[[], nn.Module], theta: torch.Tensor, frozen: dict[str, torch.Tensor],
+                    x: torch.Tensor, y: torch.Tensor, memory_budget_gb: float = 4.0
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and accuracy [M] of many flat-weight models on one set, chunked to the budget."""
+    template = make_model().to(x.device)
+    kernel = kernel_for(template)
+    per_model = 4 * (2 * theta.shape[1] + 3 * EVAL_CHUNK * activation_elements(template, x))
+    step = max(1, int(memory_budget_gb * 2**30 // per_model))
+    parts = [evaluate_grid(kernel, theta[lo:lo + step], kernel.stack_frozen({k: v[lo:lo + step] for k, v in
+                                                                             frozen.items()}), x, y, EVAL_CHUNK)
+             for lo in range(0, theta.shape[0], step)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+class GridTrainer:
+    """Trains a GridTask chunk by chunk; the model template fixes the architecture."""
+
+    def __init__(self, make_model: Callable[[], nn.Module], memory_budget_gb: float = 4.0,
+                 progress: Callable[[int], None] | None = None):
+        self.template = make_model()
+        self.kernel = kernel_for(self.template)
+        self.budget = memory_budget_gb * 2**30
+        self.progress = progress or (lambda steps: None)
+
+    def bytes_per_model(self, task: GridTask, sample: torch.Tensor) -> tuple[int, int]:
+        """Working-set bytes of one model, and the evaluation chunk size that keeps it bounded."""
+        num_params = task.init.shape[1] + sum(v[0].numel() for v in task.frozen.values())
+        acts = activation_elements(self.template.to(sample.device), sample)
+        per_model = 4 * (8 * num_params + task.keep_checkpoints * task.init.shape[1]
+                         + 8 * task.batch_size * acts + 3 * EVAL_CHUNK * acts)
+        return per_model, EVAL_CHUNK
+
+    def train(self, task: GridTask, x_train: torch.Tensor, y_train: torch.Tensor,
+              x_test: torch.Tensor, y_test: torch.Tensor) -> GridResult:
+        """Train all models of the task; results in the task's model order."""
+        per_model, eval_chunk = self.bytes_per_model(task, x_train)
+        chunks = plan_chunks(task, per_model, self.budget)
+        return GridResult.concat([self.train_chunk(task.select(idx), x_train, y_train, x_test, y_test,
+                                                   eval_chunk) for idx in chunks])
+
+    def train_chunk(self, task: GridTask, x_train, y_train, x_test, y_test, eval_chunk: int) -> GridResult:
+        """Train one chunk in lockstep."""
+        device, num_models = x_train.device, task.num_models
+        kernel = self.kernel
+        theta = task.init.to(device, copy=True)
+        frozen = kernel.stack_frozen({k: v.to(device) for k, v in task.frozen.items()})
+        lrs = task.effective_lrs.to(device, theta.dtype).unsqueeze(1)
+        floats = dict(device=device, dtype=theta.dtype)
+        used, local_stream = torch.unique(task.stream_of_model, return_inverse=True)
+        local_stream = local_stream.to(device)
+        shared = len(used) == 1
+        log_steps, ckpt_steps = task.log_steps(), task.checkpoint_steps()
+        logs = {k: torch.full((len(log_steps), num_models), math.nan, **floats) for k in LOG_FIELDS}
+        checkpoints = torch.empty(len(ckpt_steps), num_models, theta.shape[1], **floats)
+        active = torch.ones(num_models, dtype=torch.bool, device=device)
+        grad_norm = torch.full((num_models,), math.nan, **floats)
+        grad_sum = torch.zeros(num_models, **floats)
+        loss_sum = torch.zeros(num_models, **floats)
+        steps_since_log = torch.zeros(num_models, **floats)
+
+        def log(row: int) -> None:
+            train_loss, train_acc = evaluate_grid(kernel, theta, frozen, x_train, y_train, eval_chunk)
+            test_loss, test_acc = evaluate_grid(kernel, theta, frozen, x_test, y_test, eval_chunk)
+            values = dict(train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc,
+                          grad_norm=grad_norm, grad_norm_mean=grad_sum / steps_since_log,
+                          batch_loss_mean=loss_sum / steps_since_log,
+                          diverged=(~active).float())
+            for key, value in values.items():
+                logs[key][row] = value
+            for accumulator in (grad_sum, loss_sum, steps_since_log):
+                accumulator.zero_()
+
+        log(0)
+        row = 1
+        for start in range(0, task.iterations, STEPS_PER_BLOCK):
+            count = min(STEPS_PER_BLOCK, task.iterations - start)
+            order = torch.stack([batch_indices(len(x_train), task.batch_size, task.streams[int(s)], start, count)
+                                 for s in used]).to(device)  # [streams, count, B]
+            for j in range(count):
+                step = start + j + 1
+                batch = order[:, j]
+                if shared:
+                    xb, yb = x_train[batch[0]], y_train[batch[0]]
+                else:
+                    xb, yb = x_train[batch][local_stream], y_train[batch][local_stream]
+                loss, grad = kernel.loss_and_grad(theta, frozen, xb, yb, shared)
+                grad_norm = torch.where(active, grad.norm(dim=1), grad_norm)
+                active &= torch.isfinite(loss) & torch.isfinite(grad_norm)
+                theta = torch.where(active.unsqueeze(1), sphere_step(theta, grad, lrs, task.rho, task.rule), theta)
+                grad_sum += torch.where(active, grad_norm, 0.0)
+                loss_sum += torch.where(active, loss, 0.0)
+                steps_since_log += active
+                if step in ckpt_steps:
+                    checkpoints[ckpt_steps.index(step)] = theta
+                if row < len(log_steps) and step == log_steps[row]:
+                    log(row)
+                    row += 1
+            self.progress(count * num_models)
+        return GridResult(theta.cpu(), checkpoints.cpu(), ckpt_steps, log_steps,
+                          {k: v.cpu() for k, v in logs.items()})

@@ -1,0 +1,104 @@
+"""A whole synthetic experiment: its shards, their order, and the final summary.
+
+Shards per (data seed, chunk of training seeds):
+    pretrain -> finetune -> (after pretrain) swa -> (after all three) analyze
+`analyze` measures the single-feature probes of every solution and the geometry of the
+minima. A finished shard is never recomputed; running the same experiment again resumes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from .analysis.probes import feature_table, geometry_swa_k, geometry_table
+from .analysis.summary import write_summary
+from .config import SyntheticConfig
+from .protocol import Shard, SyntheticRunner, model_keys, seed_chunks
+from .store import ExperimentStore
+
+DEPENDS_ON = {"pretrain": (), "finetune": ("pretrain",), "swa": ("pretrain",),
+              "analyze": ("pretrain", "finetune", "swa")}
+TABLES = ("metrics", "evaluations", "features", "geometry")
+
+
+def stages(cfg: SyntheticConfig) -> list[str]:
+    """The stages this config needs, in dependency order."""
+    return [s for s in DEPENDS_ON if s != "finetune" or cfg.finetune.lrs]
+
+
+def dependencies(cfg: SyntheticConfig, shard: Shard) -> list[Shard]:
+    """The shards that must be complete before `shard` can run."""
+    return [shard.upstream(s) for s in DEPENDS_ON[shard.stage] if s in stages(cfg)]
+
+
+def plan_shards(cfg: SyntheticConfig) -> list[Shard]:
+    """All shards of an experiment, each listed after the shards it depends on."""
+    return [Shard(stage, d, chunk) for d in cfg.seeds.data for chunk in seed_chunks(cfg) for stage in stages(cfg)]
+
+
+def shard_cost(cfg: SyntheticConfig, shard: Shard) -> int:
+    """Model-steps a shard trains (0 for evaluation-only shards); used for progress."""
+    seeds, plrs = len(shard.train_seeds), len(cfg.pretrain.lrs)
+    if shard.stage == "pretrain":
+        return seeds * plrs * cfg.pretrain.iterations
+    if shard.stage == "finetune":
+        return seeds * plrs * len(cfg.finetune.lrs) * cfg.finetune.iterations
+    return 0
+
+
+class SyntheticExperiment:
+    """Runs shards of one experiment (training through protocol, measurements through analysis)."""
+
+    def __init__(self, cfg: SyntheticConfig, root: str | Path, progress: Callable[[int], None] | None = None):
+        self.cfg = cfg
+        self.store = ExperimentStore.create(root, cfg)
+        self.runner = SyntheticRunner(cfg, self.store, progress)
+
+    def run_shard(self, shard: Shard) -> bool:
+        """Run one shard unless it is complete; True if it ran."""
+        names = tuple(d.stage for d in dependencies(self.cfg, shard))
+        if shard.stage == "analyze":
+            return self.runner.run(shard, names, self.analyze)
+        return self.runner.run(shard, names)
+
+    def analyze(self, shard: Shard, writer) -> None:
+        """Probe accuracies of every solution, and geometry of FT-low / FT-high / SWA."""
+        cfg, runner = self.cfg, self.runner
+        data = runner.data(shard.data_seed)
+        solutions = runner.solutions(shard)
+        tables = [feature_table(runner.evaluate, keys, weights, frozen, data.x_probe, data.y_probe)
+                  for keys, weights, frozen in solutions]
+        writer.table("features", pd.concat(tables, ignore_index=True))
+        if cfg.finetune.lrs:
+            keys, finetuned, _ = solutions[-1]
+            by_flr = finetuned.view(-1, len(cfg.finetune.lrs), finetuned.shape[1])
+            low = by_flr[:, cfg.finetune.lrs.index(min(cfg.finetune.lrs))]
+            high = by_flr[:, cfg.finetune.lrs.index(max(cfg.finetune.lrs))]
+            k = geometry_swa_k(cfg.swa.ks)
+            swa = next(w for keys_, w, _ in solutions if keys_["swa_k"].iloc[0] == k and keys_["stage"].iloc[0] == "swa")
+            frozen = solutions[0][2]
+            model_rows = model_keys("pretrain", shard, cfg.pretrain.lrs)[["data_seed", "train_seed", "plr"]]
+            table = geometry_table(runner.evaluate, model_rows.assign(swa_k=k), low, high, swa, frozen,
+                                   {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)})
+            writer.table("geometry", table)
+
+    def run(self) -> dict:
+        """Run every pending shard in order, then merge the tables and write summary.json."""
+        self.store.clean_partial()
+        for shard in plan_shards(self.cfg):
+            self.run_shard(shard)
+        return self.finalize()
+
+    def finalize(self) -> dict:
+        """Merge shard tables into the experiment's tables and write its summary."""
+        for name in TABLES:
+            self.store.merge_table(name)
+        return write_summary(self.store)
+
+
+def pending_cost(cfg: SyntheticConfig, store: ExperimentStore) -> int:
+    """Model-steps still to train."""
+    return sum(shard_cost(cfg, s) for s in plan_shards(cfg) if not store.is_done(s.name))
