@@ -32,8 +32,9 @@ def activation_elements(template: nn.Module, sample: torch.Tensor) -> int:
             total += output[0].numel()
 
     handles = [m.register_forward_hook(count) for m in template.modules() if not list(m.children())]
+    dtype = next(template.parameters()).dtype
     with torch.no_grad():
-        template(sample[:1])
+        template(sample[:1].to(dtype))
     for handle in handles:
         handle.remove()
     return max(total, 1)
@@ -113,7 +114,6 @@ class GridTrainer:
         floats = dict(device=device, dtype=theta.dtype)
         used, local_stream = torch.unique(task.stream_of_model, return_inverse=True)
         local_stream = local_stream.to(device)
-        shared = len(used) == 1
         log_steps, ckpt_steps = task.log_steps(), task.checkpoint_steps()
         logs = {k: torch.full((len(log_steps), num_models), math.nan, **floats) for k in LOG_FIELDS}
         checkpoints = torch.empty(len(ckpt_steps), num_models, theta.shape[1], **floats)
@@ -143,12 +143,10 @@ class GridTrainer:
                                  for s in used]).to(device)  # [streams, count, B]
             for j in range(count):
                 step = start + j + 1
-                batch = order[:, j]
-                if shared:
-                    xb, yb = x_train[batch[0]], y_train[batch[0]]
-                else:
-                    xb, yb = x_train[batch][local_stream], y_train[batch][local_stream]
-                loss, grad = kernel.loss_and_grad(theta, frozen, xb, yb, shared)
+                # Per-model batches even when all models share one stream: the same arithmetic
+                # for a model whatever chunk it is in keeps results independent of chunking.
+                batch = order[:, j][local_stream]
+                loss, grad = kernel.loss_and_grad(theta, frozen, x_train[batch], y_train[batch], False)
                 grad_norm = torch.where(active, grad.norm(dim=1), grad_norm)
                 active &= torch.isfinite(loss) & torch.isfinite(grad_norm)
                 theta = torch.where(active.unsqueeze(1), sphere_step(theta, grad, lrs, task.rho, task.rule), theta)
