@@ -55,12 +55,13 @@ def test_mlp_kernel_matches_autograd(depth, activation, classes, shared, seed):
     cfg = ModelConfig(depth=depth, activation=activation, width=8)
     models = [build_model(cfg, (32,), classes, seed + i).double() for i in range(3)]
     kernel = MLPKernel(models[0])
-    theta = torch.stack([flatten(si_parameters(m)).detach() for m in models])
+    weights = [torch.stack(ws) for ws in zip(*[[w.detach() for w in si_parameters(m)] for m in models])]
     head = torch.stack([m.head.weight.detach() for m in models])
     x = torch.randn(5, 32, dtype=torch.float64) if shared else torch.randn(3, 5, 32, dtype=torch.float64)
     y = (torch.rand(5) > 0.5).double() if classes == 1 else torch.randint(0, classes, (5,))
     y = y if shared else y.expand(3, 5)
-    loss, grad = kernel.loss_and_grad(theta, head, x, y, shared)
+    loss, grads = kernel.loss_and_grad(weights, head, x, y, shared)
+    grad = flatten(grads, batch_dims=1)
     for m, model in enumerate(models):
         xm, ym = (x, y) if shared else (x[m], y[m])
         expected_loss = loss_and_correct(model(xm), ym)[0].mean()

@@ -120,7 +120,7 @@ class RegimeReport:
         return {
             "criteria": asdict(self.criteria),
             "global_best": finite(self.global_best),
-            "per_plr": json.loads(self.per_plr.to_json(orient="records")),
+            "per_plr": json.loads(self.per_plr.to_json(orient="records", double_precision=15)),
             "boundaries": {name: None if b is None else {k: finite(v) for k, v in asdict(b).items()}
                            for name, b in self.boundaries.items()},
         }

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..data.batches import batch_indices
-from ..sphere import sphere_step
+from ..sphere import flatten, joint_norm, sphere_step_, split
 from .common import LOG_FIELDS, GridResult, GridTask, loss_and_correct
 from .kernels import kernel_for
 
@@ -48,13 +48,13 @@ def plan_chunks(task: GridTask, bytes_per_model: int, budget_bytes: float) -> li
 
 
 @torch.no_grad()
-def evaluate_grid(kernel, theta: torch.Tensor, frozen, x: torch.Tensor, y: torch.Tensor,
+def evaluate_grid(kernel, parts: list[torch.Tensor], frozen, x: torch.Tensor, y: torch.Tensor,
                   chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean loss [M] and accuracy [M] of every model on a shared set, in sample chunks."""
-    loss_sum = torch.zeros(theta.shape[0], device=theta.device, dtype=theta.dtype)
+    loss_sum = torch.zeros(parts[0].shape[0], device=parts[0].device, dtype=parts[0].dtype)
     correct_sum = torch.zeros_like(loss_sum)
     for lo in range(0, len(x), chunk_size):
-        logits = kernel.forward(theta, frozen, x[lo:lo + chunk_size], True)
+        logits = kernel.forward(parts, frozen, x[lo:lo + chunk_size], True)
         loss, correct = loss_and_correct(logits, y[lo:lo + chunk_size])
         loss_sum += loss.sum(1)
         correct_sum += correct.sum(1)
@@ -72,10 +72,10 @@ def evaluate_models(make_model: Callable[[], nn.Module], theta: torch.Tensor, fr
     kernel = kernel_for(template)
     per_model = 4 * (2 * theta.shape[1] + 3 * EVAL_CHUNK * activation_elements(template, x))
     step = max(1, int(memory_budget_gb * 2**30 // per_model))
-    parts = [evaluate_grid(kernel, theta[lo:lo + step], kernel.stack_frozen({k: v[lo:lo + step] for k, v in
-                                                                             frozen.items()}), x, y, EVAL_CHUNK)
-             for lo in range(0, theta.shape[0], step)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    results = [evaluate_grid(kernel, split(theta[lo:lo + step], kernel.shapes),
+                             kernel.stack_frozen({k: v[lo:lo + step] for k, v in frozen.items()}), x, y, EVAL_CHUNK)
+               for lo in range(0, theta.shape[0], step)]
+    return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
 
 
 class GridTrainer:
@@ -106,17 +106,18 @@ class GridTrainer:
 
     def train_chunk(self, task: GridTask, x_train, y_train, x_test, y_test, eval_chunk: int) -> GridResult:
         """Train one chunk in lockstep."""
-        device, num_models = x_train.device, task.num_models
-        kernel = self.kernel
-        theta = task.init.to(device, copy=True)
+        device, num_models, kernel = x_train.device, task.num_models, self.kernel
+        parts = [p.contiguous() for p in split(task.init.to(device, copy=True), kernel.shapes)]
+        dtype = parts[0].dtype
         frozen = kernel.stack_frozen({k: v.to(device) for k, v in task.frozen.items()})
-        lrs = task.effective_lrs.to(device, theta.dtype).unsqueeze(1)
-        floats = dict(device=device, dtype=theta.dtype)
+        lrs = task.effective_lrs.to(device, dtype)
+        floats = dict(device=device, dtype=dtype)
         used, local_stream = torch.unique(task.stream_of_model, return_inverse=True)
         local_stream = local_stream.to(device)
+        shared = len(used) == 1  # one batch stream: the first layer is one large GEMM
         log_steps, ckpt_steps = task.log_steps(), task.checkpoint_steps()
         logs = {k: torch.full((len(log_steps), num_models), math.nan, **floats) for k in LOG_FIELDS}
-        checkpoints = torch.empty(len(ckpt_steps), num_models, theta.shape[1], **floats)
+        checkpoints = torch.empty(len(ckpt_steps), num_models, task.init.shape[1], **floats)
         active = torch.ones(num_models, dtype=torch.bool, device=device)
         grad_norm = torch.full((num_models,), math.nan, **floats)
         grad_sum = torch.zeros(num_models, **floats)
@@ -124,12 +125,11 @@ class GridTrainer:
         steps_since_log = torch.zeros(num_models, **floats)
 
         def log(row: int) -> None:
-            train_loss, train_acc = evaluate_grid(kernel, theta, frozen, x_train, y_train, eval_chunk)
-            test_loss, test_acc = evaluate_grid(kernel, theta, frozen, x_test, y_test, eval_chunk)
+            train_loss, train_acc = evaluate_grid(kernel, parts, frozen, x_train, y_train, eval_chunk)
+            test_loss, test_acc = evaluate_grid(kernel, parts, frozen, x_test, y_test, eval_chunk)
             values = dict(train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc,
                           grad_norm=grad_norm, grad_norm_mean=grad_sum / steps_since_log,
-                          batch_loss_mean=loss_sum / steps_since_log,
-                          diverged=(~active).float())
+                          batch_loss_mean=loss_sum / steps_since_log, diverged=(~active).to(dtype))
             for key, value in values.items():
                 logs[key][row] = value
             for accumulator in (grad_sum, loss_sum, steps_since_log):
@@ -143,21 +143,21 @@ class GridTrainer:
                                  for s in used]).to(device)  # [streams, count, B]
             for j in range(count):
                 step = start + j + 1
-                # Per-model batches even when all models share one stream: the same arithmetic
-                # for a model whatever chunk it is in keeps results independent of chunking.
-                batch = order[:, j][local_stream]
-                loss, grad = kernel.loss_and_grad(theta, frozen, x_train[batch], y_train[batch], False)
-                grad_norm = torch.where(active, grad.norm(dim=1), grad_norm)
+                batch = order[0, j] if shared else order[:, j][local_stream]
+                loss, grads = kernel.loss_and_grad(parts, frozen, x_train[batch], y_train[batch], shared)
+                grad_norm = torch.where(active, joint_norm(grads, 1), grad_norm)
+                # Divergence is sticky and recorded; a diverged model's weights are non-finite and
+                # stay so, exactly as in the reference engine.
                 active &= torch.isfinite(loss) & torch.isfinite(grad_norm)
-                theta = torch.where(active.unsqueeze(1), sphere_step(theta, grad, lrs, task.rho, task.rule), theta)
+                sphere_step_(parts, grads, lrs, task.rho, task.rule, batch_dims=1)
                 grad_sum += torch.where(active, grad_norm, 0.0)
                 loss_sum += torch.where(active, loss, 0.0)
                 steps_since_log += active
                 if step in ckpt_steps:
-                    checkpoints[ckpt_steps.index(step)] = theta
+                    checkpoints[ckpt_steps.index(step)] = flatten(parts, 1)
                 if row < len(log_steps) and step == log_steps[row]:
                     log(row)
                     row += 1
             self.progress(count * num_models)
-        return GridResult(theta.cpu(), checkpoints.cpu(), ckpt_steps, log_steps,
+        return GridResult(flatten(parts, 1).cpu(), checkpoints.cpu(), ckpt_steps, log_steps,
                           {k: v.cpu() for k, v in logs.items()})

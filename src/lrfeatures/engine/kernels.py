@@ -1,4 +1,4 @@
-"""Batched loss-and-gradient kernels: M models with flat SI weights theta [M, P] at once.
+"""Batched loss-and-gradient kernels: M models at once, SI weights as per-part tensors [M, ...].
 
 `MLPKernel` is hand-batched for the SI MLP: activations are [M, N, width], every layer is
 one bmm with fused LayerNorm kernels, and when all models share an input (evaluation, or
@@ -23,25 +23,18 @@ class MLPKernel:
     """Hand-batched forward/backward of the SI MLP (binary or multi-class head)."""
 
     def __init__(self, template: SIMLP):
-        self.shapes = [tuple(p.shape) for p in template.si_parameters()]  # (out, in) per layer
-        self.offsets = [0]
-        for out_dim, in_dim in self.shapes:
-            self.offsets.append(self.offsets[-1] + out_dim * in_dim)
+        self.shapes = [p.shape for p in template.si_parameters()]  # (out, in) per layer
         self.eps = template.norm_eps
         self.relu = template.activation == "relu"
 
-    def weights(self, theta: torch.Tensor) -> list[torch.Tensor]:
-        """Per-layer views [M, out, in] of flat weights."""
-        return [theta[:, lo:hi].view(-1, *shape)
-                for lo, hi, shape in zip(self.offsets[:-1], self.offsets[1:], self.shapes)]
-
-    def forward(self, theta: torch.Tensor, head: torch.Tensor, x: torch.Tensor, shared: bool,
+    def forward(self, weights: list[torch.Tensor], head: torch.Tensor, x: torch.Tensor, shared: bool,
                 cache: list | None = None) -> torch.Tensor:
-        """Logits [M, N] (binary) or [M, N, C]; x is shared [N, D] or per-model [M, N, D]."""
-        weights = self.weights(theta)
+        """Logits [M, N] (binary) or [M, N, C] of per-layer weights [M, out, in];
+        x is shared [N, D] or per-model [M, N, D]."""
+        num_models = weights[0].shape[0]
         if shared:  # every model sees the same input: the first layer is one GEMM
             first = weights[0].reshape(-1, x.shape[1])  # [M*H, D]
-            h = (x @ first.T).view(x.shape[0], theta.shape[0], -1).transpose(0, 1)
+            h = (x @ first.T).view(x.shape[0], num_models, -1).transpose(0, 1)
         else:
             h = torch.bmm(x, weights[0].transpose(1, 2))
         for i, w in enumerate(weights):
@@ -55,11 +48,11 @@ class MLPKernel:
         logits = torch.bmm(h, head.transpose(1, 2))  # head [M, C, H] -> [M, N, C]
         return logits.squeeze(2) if head.shape[1] == 1 else logits
 
-    def loss_and_grad(self, theta: torch.Tensor, head: torch.Tensor, x: torch.Tensor,
-                      y: torch.Tensor, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean minibatch loss [M] and its gradient [M, P] w.r.t. theta."""
+    def loss_and_grad(self, weights: list[torch.Tensor], head: torch.Tensor, x: torch.Tensor,
+                      y: torch.Tensor, shared: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Mean minibatch loss [M] and its gradient w.r.t. each weight [M, out, in]."""
         cache: list = []
-        logits = self.forward(theta, head, x, shared, cache)
+        logits = self.forward(weights, head, x, shared, cache)
         n = logits.shape[1]
         if head.shape[1] == 1:
             target = y.expand_as(logits)
@@ -71,7 +64,6 @@ class MLPKernel:
             probs = torch.softmax(logits, -1)
             probs.scatter_add_(-1, labels.unsqueeze(-1), -torch.ones_like(probs[..., :1]))
             dlogits = probs / n  # [M, N, C]
-        weights = self.weights(theta)
         grads = [None] * len(weights)
         upstream = torch.bmm(dlogits, head)  # d loss / d act [M, N, H]
         for i in range(len(weights) - 1, -1, -1):
@@ -85,11 +77,11 @@ class MLPKernel:
                 grads[i] = torch.bmm(dpre.transpose(1, 2), below)
                 upstream = torch.bmm(dpre, weights[i])
             elif shared:  # one GEMM: [D, N] @ [N, M*H]
-                grads[0] = (x.T @ dpre.transpose(0, 1).reshape(n, -1)).view(x.shape[1], theta.shape[0], -1
+                grads[0] = (x.T @ dpre.transpose(0, 1).reshape(n, -1)).view(x.shape[1], len(dpre), -1
                                                                              ).permute(1, 2, 0)
             else:
                 grads[0] = torch.bmm(dpre.transpose(1, 2), x)
-        return loss, torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
+        return loss, grads
 
     @staticmethod
     def stack_frozen(frozen: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -109,32 +101,23 @@ class FuncKernel:
             raise ValueError("the grid engine trains only SI parameters of stateless models; "
                              "use the reference engine for this model")
 
-    def unflat(self, theta_row: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Named SI tensors of one model from its flat weights."""
-        out, offset = {}, 0
-        for name, shape in zip(self.si_names, self.shapes):
-            size = shape.numel()
-            out[name] = theta_row[offset:offset + size].view(shape)
-            offset += size
-        return out
+    def _logits(self, parts, frozen_row, x):
+        return functional_call(self.template, {**frozen_row, **dict(zip(self.si_names, parts))}, (x,))
 
-    def _logits(self, theta_row, frozen_row, x):
-        return functional_call(self.template, {**frozen_row, **self.unflat(theta_row)}, (x,))
-
-    def forward(self, theta: torch.Tensor, frozen: dict[str, torch.Tensor], x: torch.Tensor,
+    def forward(self, weights: list[torch.Tensor], frozen: dict[str, torch.Tensor], x: torch.Tensor,
                 shared: bool) -> torch.Tensor:
         """Logits of every model: x shared [N, ...] or per-model [M, N, ...]."""
-        return vmap(self._logits, in_dims=(0, 0, None if shared else 0))(theta, frozen, x)
+        return vmap(self._logits, in_dims=(0, 0, None if shared else 0))(weights, frozen, x)
 
-    def loss_and_grad(self, theta: torch.Tensor, frozen: dict[str, torch.Tensor], x: torch.Tensor,
-                      y: torch.Tensor, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean minibatch loss [M] and its gradient [M, P]."""
-        def loss_fn(theta_row, frozen_row, xb, yb):
-            return loss_and_correct(self._logits(theta_row, frozen_row, xb), yb)[0].mean()
+    def loss_and_grad(self, weights: list[torch.Tensor], frozen: dict[str, torch.Tensor], x: torch.Tensor,
+                      y: torch.Tensor, shared: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Mean minibatch loss [M] and its gradient w.r.t. each SI part."""
+        def loss_fn(parts, frozen_row, xb, yb):
+            return loss_and_correct(self._logits(parts, frozen_row, xb), yb)[0].mean()
 
         data_dim = None if shared else 0
-        grads, loss = vmap(grad_and_value(loss_fn), in_dims=(0, 0, data_dim, data_dim))(theta, frozen, x, y)
-        return loss, grads
+        grads, loss = vmap(grad_and_value(loss_fn), in_dims=(0, 0, data_dim, data_dim))(weights, frozen, x, y)
+        return loss, list(grads)
 
     @staticmethod
     def stack_frozen(frozen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ It stays simple on purpose: the fast grid engine must agree with it, and tests p
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 from ..data.batches import batch_indices
 from ..models.registry import si_parameters
-from ..sphere import flatten, sphere_step, unflatten_into_
+from ..sphere import flatten, joint_norm, sphere_step_, unflatten_into_
 from .common import LOG_FIELDS, GridResult, GridTask, loss_and_correct
 
 
@@ -50,17 +51,16 @@ def train_reference(make_model: Callable[[], nn.Module], task: GridTask,
         diverged, grad_sum, loss_sum, since_log, row = False, 0.0, 0.0, 0, 0
         grad_norm = float("nan")
         for step in range(task.iterations + 1):
-            if step > 0 and not diverged:
+            if step > 0:
                 batch = order[step - 1]
                 loss = loss_and_correct(model(x_train[batch]), y_train[batch])[0].mean()
                 grads = torch.autograd.grad(loss, params)
-                grad = flatten(grads)
-                grad_norm = grad.norm().item()
-                if not torch.isfinite(loss) or not torch.isfinite(grad).all():
-                    diverged = True  # a diverged model is a result: freeze it and record it
-                else:
-                    with torch.no_grad():
-                        unflatten_into_(sphere_step(flatten(params), grad, lr, task.rho, task.rule), params)
+                if not diverged:
+                    grad_norm = joint_norm(list(grads)).item()
+                # Divergence is sticky and recorded; the weights are non-finite from then on.
+                diverged = diverged or not (math.isfinite(loss.item()) and math.isfinite(grad_norm))
+                sphere_step_(params, list(grads), lr, task.rho, task.rule)
+                if not diverged:
                     grad_sum, loss_sum, since_log = grad_sum + grad_norm, loss_sum + loss.item(), since_log + 1
             if step in ckpt_steps:
                 checkpoints[ckpt_steps.index(step), m] = flatten(params).detach().cpu()

@@ -1,0 +1,115 @@
+"""Grid engine vs reference engine on the paper's synthetic model and data, in one run.
+
+Both engines do the same work per model: the SI MLP (32-32-32-1), batch 16, the tick data
+(512 train / 2000 test), projected SGD on the sphere, and a full train+test evaluation every
+`cadence` steps. We report model-steps per second of each at the paper's 5-step cadence and
+at a 100-step cadence, and the grid engine's achieved FLOP/s against this machine's float32
+matrix-product peak measured in the same run.
+
+FLOPs counted: the matrix products the grid engine executes (forward 2·B·(D·H + H·H + H),
+backward 2·B·(D·H + 2·H·H + 2·H) per model-step; evaluation forwards at the cadence).
+Element-wise work (LayerNorm, ReLU, the sphere projection) is not counted: it is memory-bound.
+
+    python benchmarks/grid_throughput.py                # 1,150 models (50 seeds x 23 PLRs)
+    python benchmarks/grid_throughput.py --models 230 --steps 200
+
+Last line: speedup=<x> peak_fraction=<y> models=<n>   (x and y at the 100-step cadence)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from lrfeatures.config import load_config
+from lrfeatures.engine.common import GridTask
+from lrfeatures.engine.grid import GridTrainer
+from lrfeatures.engine.reference import train_reference
+from lrfeatures.protocol import SyntheticRunner
+from lrfeatures.store import ExperimentStore
+
+
+def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+    """Best float32 GEMM FLOP/s over a few repeats."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def paper_task(runner: SyntheticRunner, num_models: int, steps: int, cadence: int) -> GridTask:
+    """`num_models` models of the paper grid (PLR-major inside each training seed)."""
+    plrs = runner.cfg.pretrain.lrs
+    seeds = list(range((num_models + len(plrs) - 1) // len(plrs)))
+    states = [runner.initial_state(0, s) for s in seeds]
+    index = torch.arange(num_models)
+    seed_of = index // len(plrs)
+    return GridTask(init=torch.stack([states[s][0] for s in seed_of]),
+                    frozen={k: torch.stack([states[s][1][k] for s in seed_of]) for k in states[0][1]},
+                    effective_lrs=torch.tensor([plrs[i % len(plrs)] for i in index], dtype=torch.float64),
+                    stream_of_model=seed_of, streams=[("bench", s) for s in seeds], iterations=steps,
+                    batch_size=16, rho=1.0, log_every=cadence)
+
+
+def matmul_flops(steps: int, cadence: int, num_models: int, n_eval: int, d: int = 32, h: int = 32,
+                 batch: int = 16) -> float:
+    """Matrix-product FLOPs of training plus evaluation (see module docstring)."""
+    train = 2 * batch * (d * h + h * h + h) + 2 * batch * (d * h + 2 * h * h + 2 * h)
+    evaluation = 2 * n_eval * (d * h + h * h + h) * (steps // cadence + 1)
+    return num_models * (steps * train + evaluation)
+
+
+def main() -> None:
+    """Run both engines and print the comparison."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=int, default=1150, help="grid size (paper: 50 seeds x 23 PLRs)")
+    parser.add_argument("--steps", type=int, default=300, help="grid engine steps per measurement")
+    parser.add_argument("--reference-steps", type=int, default=600, help="reference engine steps per model")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    cfg = load_config("synthetic-paper", [f"engine.device={args.device}"])
+    runner = SyntheticRunner(cfg, ExperimentStore("/nonexistent-unused"))
+    data = runner.data(0)
+    n_eval = len(data.x_train) + len(data.x_test)
+    peak = matmul_peak()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
+    print(f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
+
+    results = {}
+    for cadence in (5, 100):
+        ref_task = paper_task(runner, 2, args.reference_steps, cadence)
+        ref_task.effective_lrs[:] = 1e-3
+        start = time.perf_counter()
+        train_reference(runner.make_model, ref_task, data.x_train, data.y_train, data.x_test, data.y_test)
+        ref_rate = 2 * args.reference_steps / (time.perf_counter() - start)
+
+        grid_task = paper_task(runner, args.models, args.steps, cadence)
+        trainer = GridTrainer(runner.make_model)
+        trainer.train(paper_task(runner, args.models, 10, cadence), data.x_train, data.y_train,
+                      data.x_test, data.y_test)  # warm-up
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        trainer.train(grid_task, data.x_train, data.y_train, data.x_test, data.y_test)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        grid_rate = args.models * args.steps / elapsed
+        flops = matmul_flops(args.steps, cadence, args.models, n_eval) / elapsed
+        results[cadence] = (grid_rate / ref_rate, flops / peak)
+        print(f"cadence {cadence:>3}: reference {ref_rate:,.0f} model-steps/s | grid {grid_rate:,.0f} "
+              f"model-steps/s | speedup {grid_rate / ref_rate:.1f}x | {flops / 1e9:.1f} GFLOP/s "
+              f"= {100 * flops / peak:.1f}% of peak")
+    speedup, fraction = results[100]
+    print(f"speedup={speedup:.1f} peak_fraction={fraction:.3f} models={args.models}")
+
+
+if __name__ == "__main__":
+    main()
