@@ -16,7 +16,9 @@ import pandas as pd
 from .analysis.probes import feature_table, geometry_swa_k, geometry_table
 from .analysis.summary import write_summary
 from .config import SyntheticConfig
-from .protocol import Shard, SyntheticRunner, model_keys, seed_chunks
+from .data.synthetic import get_shape
+from .models import build_model
+from .protocol import Shard, SyntheticRunner, model_keys, resolve_device, seed_chunks
 from .store import ExperimentStore
 
 DEPENDS_ON = {"pretrain": (), "finetune": ("pretrain",), "swa": ("pretrain",),
@@ -49,11 +51,19 @@ def shard_cost(cfg: SyntheticConfig, shard: Shard) -> int:
     return 0
 
 
+def check_buildable(cfg: SyntheticConfig) -> None:
+    """Raise the user-facing error if the device, data shape or model cannot be built."""
+    resolve_device(cfg.engine.device)
+    get_shape(cfg.data.shape)
+    build_model(cfg.model, (2 * cfg.data.n_features,), 1, seed=0)
+
+
 class SyntheticExperiment:
     """Runs shards of one experiment (training through protocol, measurements through analysis)."""
 
     def __init__(self, cfg: SyntheticConfig, root: str | Path, progress: Callable[[int], None] | None = None):
         self.cfg = cfg
+        check_buildable(cfg)  # before anything is written: a typo must not leave a directory behind
         self.store = ExperimentStore.create(root, cfg)
         self.runner = SyntheticRunner(cfg, self.store, progress)
 

@@ -16,6 +16,7 @@ Single files are written to a temporary name and renamed (atomic on POSIX).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -60,9 +61,20 @@ def write_table(path: Path, table: pd.DataFrame) -> None:
         raise
 
 
+def json_safe(value: Any) -> Any:
+    """Nested data with every non-finite float replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (NaN becomes null)."""
-    text = json.dumps(data, indent=2, default=str, allow_nan=True).replace("NaN", "null")
+    """Write JSON atomically (NaN and inf become null)."""
+    text = json.dumps(json_safe(data), indent=2, default=str, allow_nan=False)
     atomic_write_bytes(path, text.encode())
 
 

@@ -118,7 +118,7 @@ class GridTrainer:
         log_steps, ckpt_steps = task.log_steps(), task.checkpoint_steps()
         logs = {k: torch.full((len(log_steps), num_models), math.nan, **floats) for k in LOG_FIELDS}
         checkpoints = torch.empty(len(ckpt_steps), num_models, task.init.shape[1], **floats)
-        active = torch.ones(num_models, dtype=torch.bool, device=device)
+        active = torch.isfinite(task.init).all(1).to(device)  # a diverged start (e.g. fine-tuning) stays so
         grad_norm = torch.full((num_models,), math.nan, **floats)
         grad_sum = torch.zeros(num_models, **floats)
         loss_sum = torch.zeros(num_models, **floats)

@@ -135,8 +135,16 @@ def amp_context(device: torch.device, bf16: bool):
 
 def prepare_input(x: torch.Tensor, normalization: tuple[torch.Tensor, torch.Tensor],
                   channels_last: bool = False) -> torch.Tensor:
-    """uint8 images -> normalized float32, in the memory format the model runs in."""
-    x = normalize(x, *normalization)
+    """uint8 images -> normalized float32, in the memory format the model runs in.
+
+    Computes (x/255 - mean)/std as one fused multiply-add on the cast images.
+    """
+    mean, std = normalization
+    if x.dtype == torch.uint8:
+        scale, shift = (1.0 / (255.0 * std)).view(1, -1, 1, 1), (-mean / std).view(1, -1, 1, 1)
+        x = torch.addcmul(shift, x.to(scale.dtype), scale)
+    else:
+        x = normalize(x, mean, std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -249,6 +257,16 @@ class SphereSGD:
                 "batch_loss_mean": loss_sum / steps if steps else nan, "diverged": bool(diverged)}
 
 
+def run_epoch(optimizer: SphereSGD, data: DeviceImages, order: torch.Tensor, augment: Augment | None = None,
+              aug_gen: torch.Generator | None = None, channels_last: bool = False) -> None:
+    """One step per row of `order` [steps, B]: gather, augment, normalize on the device, then step."""
+    for batch in order:
+        xb = data.train_x[batch]
+        if augment is not None:
+            xb = augment(xb, aug_gen)
+        optimizer.step(prepare_input(xb, data.normalization, channels_last), data.train_y[batch])
+
+
 def train_image_model(model: nn.Module, data: DeviceImages, task: ImageTask, augment: Augment | None = None,
                       bf16: bool = False, channels_last: bool = False, checkpoint_device: str | torch.device | None = None,
                       progress: Callable[[int], None] | None = None) -> ImageTrainResult:
@@ -284,11 +302,7 @@ def train_image_model(model: nn.Module, data: DeviceImages, task: ImageTask, aug
         if not diverged:
             order = batch_indices(n_train, task.batch_size, task.order_stream, (epoch - 1) * per_epoch,
                                   per_epoch).to(device)
-            for batch in order:
-                xb = data.train_x[batch]
-                if augment is not None:
-                    xb = augment(xb, aug_gen)
-                optimizer.step(prepare_input(xb, data.normalization, channels_last), data.train_y[batch])
+            run_epoch(optimizer, data, order, augment, aug_gen, channels_last)
             diverged = not bool(optimizer.active)  # the one divergence check per epoch
         progress(1)
         if epoch in ckpt_epochs:

@@ -48,7 +48,8 @@ def train_reference(make_model: Callable[[], nn.Module], task: GridTask,
         order = batch_indices(len(x_train), task.batch_size, task.streams[int(task.stream_of_model[m])],
                               0, task.iterations).to(x_train.device)
         lr = float(task.effective_lrs[m])
-        diverged, grad_sum, loss_sum, since_log, row = False, 0.0, 0.0, 0, 0
+        diverged = not bool(torch.isfinite(task.init[m]).all())
+        grad_sum, loss_sum, since_log, row = 0.0, 0.0, 0, 0
         grad_norm = float("nan")
         for step in range(task.iterations + 1):
             if step > 0:

@@ -1,0 +1,87 @@
+"""Shared fixtures: a tiny synthetic experiment config that trains in about a second."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lrfeatures.config import load_config
+
+TINY = {
+    "name": "tiny",
+    "data": {"n_train": 128, "n_test": 256, "n_probe": 100},
+    "pretrain": {"lrs": [1e-3, 1e-2, 0.3], "iterations": 200, "ckpt_every": 20, "log_every": 50,
+                 "keep_checkpoints": 0},
+    "finetune": {"lrs": [1e-4, 1e-3], "iterations": 100, "log_every": 100},
+    "swa": {"ks": [2, 5]},
+    "seeds": {"data": [0], "train": [0, 1]},
+    "engine": {"memory_budget_gb": 1},
+}
+
+# The same settings as CLI overrides (for tests that drive `lrfeatures synthetic`).
+TINY_OVERRIDES = [
+    "name=tiny", "data.n_train=128", "data.n_test=256", "data.n_probe=100",
+    "pretrain.lrs=[1e-3, 1e-2, 0.3]", "pretrain.iterations=200", "pretrain.ckpt_every=20",
+    "pretrain.log_every=50", "pretrain.keep_checkpoints=0", "finetune.lrs=[1e-4, 1e-3]",
+    "finetune.iterations=100", "finetune.log_every=100", "swa.ks=[2, 5]", "seeds.data=[0]", "seeds.train=[0, 1]",
+    "engine.memory_budget_gb=1",
+]
+
+
+def tiny_dict(**sections) -> dict:
+    """The tiny config as a nested dict, with some sections' fields replaced."""
+    data = copy.deepcopy(TINY)
+    for section, fields in sections.items():
+        if isinstance(fields, dict):
+            data.setdefault(section, {}).update(fields)
+        else:
+            data[section] = fields
+    return data
+
+
+@pytest.fixture
+def tiny_config():
+    """3 PLRs x 2 training seeds x 1 data seed, 200 pre-training and 100 fine-tuning steps."""
+    return load_config(tiny_dict())
+
+
+@pytest.fixture
+def make_tiny_config():
+    """Factory: the tiny config with per-section overrides, e.g. pretrain={"lrs": [...]}."""
+    return lambda **sections: load_config(tiny_dict(**sections))
+
+
+@pytest.fixture
+def tiny_overrides():
+    """The tiny config as a list of `--set` overrides."""
+    return list(TINY_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished run of the tiny config (grid engine), shared read-only by several tests."""
+    from lrfeatures.experiment import SyntheticExperiment
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        SyntheticExperiment(load_config(tiny_dict()), root).run()
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Run a module's tiny trainings on one thread, restored afterwards.
+
+    The tiny models gain nothing from threads, and on a busy 2-core machine OpenMP workers
+    spin against other processes and make each run ~10x slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
