@@ -12,6 +12,8 @@ Definitions (all printed):
 The "materialized" line times BandFilter.__call__, which also writes the whole
 [4, N, 3, 32, 32] output (4x the input) to memory; the "fft backend" line times the
 rfft2/irfft2 path for comparison with the default (real Fourier basis matmuls on CPU).
+On a CPU shared with other busy processes, torch's per-op thread barriers stall and the
+default-thread figure drops several-fold; --threads 1 shows the contention-free floor.
 
 The last line printed is exactly `gb_per_s=<x> speedup=<y>`.
 """
@@ -63,7 +65,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     images = torch.rand(args.n, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
     n_bytes = images.numel() * images.element_size()
