@@ -1,6 +1,8 @@
 """Command line: a thin layer that parses, loads configs and calls the experiment and report.
 
     lrfeatures synthetic [--preset quick|paper|FILE] [--out DIR] [--set a.b=v ...]
+    lrfeatures images [--dataset cifar10|cifar100|folder:PATH] [--model convnet-si|resnet18-si]
+                      [--preset cpu-small|paper|FILE] [--out DIR] [--set a.b=v ...]
     lrfeatures report DIR
     lrfeatures presets
 """
@@ -20,6 +22,8 @@ EPILOG = """examples:
   lrfeatures synthetic --set pretrain.iterations=5000 --set seeds.train=[0,1]
   lrfeatures synthetic --engine reference           # the simple per-model loop (slow)
   lrfeatures report runs/synthetic-quick            # redraw figures without retraining
+  lrfeatures images --dataset folder:cifar10-jpeg.tar.gz --model convnet-si --preset cpu-small
+  lrfeatures images --dataset cifar10 --model resnet18-si --preset paper --device cuda
 Re-running a command with the same --out resumes it: finished shards are kept."""
 
 
@@ -31,6 +35,17 @@ def preset_source(kind: str, preset: str) -> str:
         return preset
     full = f"{kind}-{preset}"
     return full if full in preset_names() else preset
+
+
+def add_executor_flags(parser: argparse.ArgumentParser) -> None:
+    """--executor and the Ray options of an experiment command."""
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="run shards in this process (default) or as Ray tasks")
+    parser.add_argument("--ray-address", help="Ray cluster to join, e.g. auto or HOST:6379 "
+                        "(default: $RAY_ADDRESS, else a local Ray instance)")
+    parser.add_argument("--cpus-per-shard", type=float, help="CPUs Ray reserves per shard (default: 1)")
+    parser.add_argument("--gpus-per-shard", type=float,
+                        help="GPUs Ray reserves per shard (default: 1 if the device is cuda, else 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--device", help="override engine.device (cpu, cuda, cuda:1)")
     syn.add_argument("--no-report", action="store_true", help="skip figures and report.html")
     syn.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_executor_flags(syn)
+
+    img = sub.add_parser("images", help="pretrain -> finetune -> SWA -> geometry on CIFAR or an image folder",
+                         description="Run the image experiment (SPEC §4, §6) and write its report.")
+    img.add_argument("--dataset", help="cifar10 | cifar100 | folder:PATH (default: the preset's)")
+    img.add_argument("--model", choices=["convnet-si", "resnet18-si"], help="default: the preset's")
+    img.add_argument("--preset", default="cpu-small", help="cpu-small | paper | a TOML file (default: cpu-small)")
+    img.add_argument("--out", help="experiment directory (default: runs/<preset name>)")
+    img.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                     help="override any config field, e.g. pretrain.epochs=20 (repeatable)")
+    img.add_argument("--device", help="override engine.device (cpu, cuda, cuda:1)")
+    img.add_argument("--data-root", help="folder holding the CIFAR archive (or base of a relative folder:PATH)")
+    img.add_argument("--no-report", action="store_true", help="skip figures and report.html")
+    img.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_executor_flags(img)
 
     rep = sub.add_parser("report", help="redraw figures and report.html of an experiment from its store")
     rep.add_argument("dir", help="experiment directory")
@@ -61,7 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
 def run_synthetic(args: argparse.Namespace) -> int:
     """`lrfeatures synthetic`."""
     from .config import load_config
-    from .experiment import SyntheticExperiment, pending_cost
 
     overrides = list(args.overrides)
     if args.engine:
@@ -70,15 +99,39 @@ def run_synthetic(args: argparse.Namespace) -> int:
         overrides.append(f"engine.device={args.device}")
     cfg = load_config(preset_source("synthetic", args.preset), overrides, kind="synthetic")
     out = Path(args.out or Path("runs") / cfg.name)
-    with progress_bar(0, args.quiet) as bar:
-        experiment = SyntheticExperiment(cfg, out, progress=bar.update)
-        bar.total = pending_cost(cfg, experiment.store)
-        bar.refresh()
-        experiment.run()
+    run_on_executor(args, cfg, out)
     print(f"results: {out}")
     if not args.no_report:
         print(f"report: {write_report_checked(out)}")
     return 0
+
+
+def run_images(args: argparse.Namespace) -> int:
+    """`lrfeatures images`."""
+    from .images_experiment import image_config
+
+    cfg = image_config(args.preset, args.overrides, dataset=args.dataset, model=args.model,
+                       device=args.device, data_root=args.data_root)
+    out = Path(args.out or Path("runs") / cfg.name)
+    run_on_executor(args, cfg, out)
+    print(f"results: {out}")
+    if not args.no_report:
+        try:
+            from . import report
+            if hasattr(report, "write_report"):
+                print(f"report: {report.write_report(out)}")
+        except Exception as err:  # noqa: BLE001  (the results are saved; a figure problem must not hide them)
+            print(f"lrfeatures: warning: report not written ({type(err).__name__}: {err}); "
+                  f"try `lrfeatures report {out}` later", file=sys.stderr)
+    return 0
+
+
+def run_on_executor(args: argparse.Namespace, cfg, out: Path) -> dict:
+    """Run every pending shard of the experiment on the chosen executor (local: experiment.run())."""
+    from .executor import ExperimentFactory, make_executor, run_experiment
+
+    executor = make_executor(args.executor, cfg, args.ray_address, args.cpus_per_shard, args.gpus_per_shard)
+    return run_experiment(ExperimentFactory(cfg, out), executor, quiet=args.quiet)
 
 
 def write_report_checked(out: Path) -> Path:
@@ -88,21 +141,16 @@ def write_report_checked(out: Path) -> Path:
     return write_report(out)
 
 
-def progress_bar(total: int, quiet: bool):
-    """A tqdm bar counting model-steps."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="model-step", unit_scale=True, disable=quiet, dynamic_ncols=True,
-                desc="training")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point: errors a user can fix are one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "synthetic":
             return run_synthetic(args)
+        if args.command == "images":
+            return run_images(args)
         if args.command == "report":
+            from . import images_experiment  # noqa: F401  (registers the "images" config kind)
             from .store import ExperimentStore
             ExperimentStore(args.dir).config()  # a clear error if DIR is not an experiment
             print(f"report: {write_report_checked(Path(args.dir))}")
