@@ -11,4 +11,4 @@ python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 if [ "${LRF_KEEP_TORCH:-0}" != "1" ] && ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install -q "torch==2.13.0"
 fi
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,ray]"

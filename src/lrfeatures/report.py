@@ -33,7 +33,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from . import __version__, seeding  # noqa: E402
-from .analysis.features import MODEL_KEYS, feature_table_summary  # noqa: E402
+from .analysis.features import MODEL_KEYS, SUMMARY_TOL, feature_table_summary, noise_floor  # noqa: E402
 from .analysis.regimes import detect_regimes  # noqa: E402
 from .config import dump_toml  # noqa: E402
 from .data.synthetic import get_shape  # noqa: E402
@@ -205,7 +205,8 @@ def feature_summary(exp: Experiment) -> pd.DataFrame:
         features = features.merge(flags, on=MODEL_KEYS, how="left")  # NaN keys match NaN
         features["diverged"] = features["diverged"].fillna(False).astype(bool)
     features = features.assign(accuracy=_clean(features, "accuracy"))
-    return feature_table_summary(features[list(exp.features.columns)], None)
+    floor = noise_floor(exp.config.data.n_probe)  # the same convention as summary.json
+    return feature_table_summary(features[list(exp.features.columns)], None, floor=floor, tol=SUMMARY_TOL)
 
 
 # ---------------------------------------------------------------- drawing helpers

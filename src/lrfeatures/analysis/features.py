@@ -4,7 +4,7 @@ The importance of feature i is the model's accuracy on a probe set where only fe
 is informative. The paper reads sparsity off the sorted curves; we also summarise each
 curve by one number built from the accuracies *above chance*:
 
-    a_i   = max(acc_i - chance, 0)            what feature i adds over guessing
+    a_i   = max(acc_i - chance - floor, 0)    what feature i adds over guessing
     p_i   = a_i / sum_j a_j                    its share of the total
     N_eff = 1 / sum_i p_i^2                    effective number of used features, in [1, F]
     sparsity = (F - N_eff) / (F - 1)           in [0, 1]: 1 = one feature, 0 = all equal
@@ -13,6 +13,12 @@ N_eff is the inverse Simpson index (participation ratio): k equally useful featu
 N_eff = k whatever their common level. When no feature is above chance (sum_j a_j below
 `tol`) there is nothing to share out and both numbers are NaN, on purpose: such a model
 (e.g. regime 3) is not "dense", it uses nothing.
+
+`floor` discounts probe noise: a feature the model ignores still scores chance ± the
+sampling error of n probe samples, and the best of 16 such features sits visibly above
+chance. Experiments use one standard error, floor = sqrt(chance·(1 − chance)/n_probe)
+(0.016 for n = 1000), and `tol` = SUMMARY_TOL = 0.05: a model whose accuracies exceed
+chance + floor by less than 5 points in total uses no feature (index NaN, as in regime 3).
 """
 
 from __future__ import annotations
@@ -41,13 +47,21 @@ def sorted_importance(acc):
     return back(torch.sort(tensor, dim=-1, descending=True).values)
 
 
-def _effective_and_sparsity(acc, chance: float, tol: float):
+SUMMARY_TOL = 0.05  # total excess accuracy below which a model "uses nothing"
+
+
+def noise_floor(n_probe: int, chance: float = 0.5) -> float:
+    """One standard error of a chance-level accuracy measured on n_probe samples."""
+    return (chance * (1 - chance) / n_probe) ** 0.5
+
+
+def _effective_and_sparsity(acc, chance: float, tol: float, floor: float = 0.0):
     tensor, back = _as_tensor(acc)
     num_features = tensor.shape[-1]
     if num_features < 2:
         raise DataError(f"sparsity needs at least 2 features, got {num_features}; "
                         "pass accuracies with the features on the last axis")
-    above = (tensor - chance).clamp_min(0)
+    above = (tensor - chance - floor).clamp_min(0)
     total = above.sum(-1)
     # (sum a)^2 / sum a^2 equals 1 / sum p^2 without dividing by a possibly zero total first.
     n_eff = total.square() / above.square().sum(-1).clamp_min(torch.finfo(tensor.dtype).tiny)
@@ -56,14 +70,14 @@ def _effective_and_sparsity(acc, chance: float, tol: float):
     return back(n_eff), back(sparsity)
 
 
-def effective_num_features(acc, chance: float = 0.5, tol: float = 1e-3):
+def effective_num_features(acc, chance: float = 0.5, tol: float = 1e-3, floor: float = 0.0):
     """Effective number of features used, 1/sum p_i^2 in [1, F]; NaN if none beats chance."""
-    return _effective_and_sparsity(acc, chance, tol)[0]
+    return _effective_and_sparsity(acc, chance, tol, floor)[0]
 
 
-def sparsity_index(acc, chance: float = 0.5, tol: float = 1e-3):
+def sparsity_index(acc, chance: float = 0.5, tol: float = 1e-3, floor: float = 0.0):
     """(F - N_eff)/(F - 1) in [0, 1] per model (1 = one feature); NaN if none beats chance."""
-    return _effective_and_sparsity(acc, chance, tol)[1]
+    return _effective_and_sparsity(acc, chance, tol, floor)[1]
 
 
 def _per_model_matrix(features_df: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
@@ -88,7 +102,7 @@ def _per_model_matrix(features_df: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarr
 
 
 def feature_table_summary(features_df: pd.DataFrame, evaluations_df: pd.DataFrame | None,
-                          chance: float = 0.5) -> pd.DataFrame:
+                          chance: float = 0.5, floor: float = 0.0, tol: float = 1e-3) -> pd.DataFrame:
     """Per (stage, plr, flr, swa_k): seed mean/std of the sorted importance curve, sparsity and test_acc.
 
     Columns: GROUP_KEYS, n_models, rank_{r}_mean / rank_{r}_std for r = 0..F-1 (rank 0 = the
@@ -101,8 +115,8 @@ def feature_table_summary(features_df: pd.DataFrame, evaluations_df: pd.DataFram
     per_model = keys.copy()
     rank_cols = [f"rank_{r}" for r in range(num_features)]
     per_model[rank_cols] = sorted_importance(acc)
-    per_model["n_eff"] = effective_num_features(acc, chance)
-    per_model["sparsity"] = sparsity_index(acc, chance)
+    per_model["n_eff"] = effective_num_features(acc, chance, tol, floor)
+    per_model["sparsity"] = sparsity_index(acc, chance, tol, floor)
     if evaluations_df is not None:
         if "test_acc" not in evaluations_df or any(c not in evaluations_df for c in MODEL_KEYS):
             raise DataError("evaluations table lacks test_acc or key columns; "

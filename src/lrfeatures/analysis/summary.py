@@ -6,6 +6,7 @@ NaN is written as null.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -15,8 +16,8 @@ import pandas as pd
 from .. import __version__
 from ..config import to_dict
 from ..store import ExperimentStore, write_json
-from .features import feature_table_summary
-from .regimes import detect_regimes
+from .features import SUMMARY_TOL, feature_table_summary, noise_floor
+from .regimes import RegimeCriteria, detect_regimes
 
 
 def mean_std(values: pd.Series) -> dict[str, float | None]:
@@ -54,14 +55,27 @@ def stage_block(evaluations: pd.DataFrame, feature_stats: pd.DataFrame | None) -
     return block
 
 
+def dataset_info(store: ExperimentStore, cfg: Any) -> dict[str, Any] | None:
+    """dataset.json of an image experiment (classes, sizes), None for the synthetic one."""
+    path = store.root / "dataset.json"
+    if getattr(cfg, "kind", "synthetic") == "synthetic" or not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
 def build_summary(store: ExperimentStore) -> dict[str, Any]:
     """The summary of a finished experiment, from its merged tables."""
     cfg = store.config()
     metrics, evaluations = store.table("metrics"), store.table("evaluations")
     features = store.table("features") if (store.root / "features.parquet").is_file() else None
     geometry = store.table("geometry") if (store.root / "geometry.parquet").is_file() else None
-    feature_stats = feature_table_summary(features, evaluations) if features is not None and len(features) else None
-    regimes = detect_regimes(metrics[metrics["stage"] == "pretrain"], evaluations)
+    floor = noise_floor(getattr(cfg.data, "n_probe", 0) or 1)
+    feature_stats = (feature_table_summary(features, evaluations, floor=floor, tol=SUMMARY_TOL)
+                     if features is not None and len(features) else None)
+    info = dataset_info(store, cfg)
+    # Chance is 0.5 for the binary synthetic task, 1/classes for images.
+    criteria = RegimeCriteria(chance=1.0 / info["num_classes"]) if info else RegimeCriteria()
+    regimes = detect_regimes(metrics[metrics["stage"] == "pretrain"], evaluations, criteria)
     regime_of = dict(zip(regimes.per_plr["plr"], regimes.per_plr["regime"]))
 
     def stats_for(stage: str, plr: float, flr: float = math.nan, k: int = 0):
@@ -88,9 +102,13 @@ def build_summary(store: ExperimentStore) -> dict[str, Any]:
                                         for name in ("angle", "train_barrier", "test_barrier")}
                                  for pair, group in at.groupby("pair")}
         per_plr.append(entry)
-    return {"version": __version__, "name": cfg.name, "config": to_dict(cfg),
-            "plrs": list(cfg.pretrain.lrs), "flrs": list(cfg.finetune.lrs), "swa_ks": list(cfg.swa.ks),
-            "regimes": regimes.to_json(), "per_plr": per_plr}
+    summary = {"version": __version__, "name": cfg.name, "config": to_dict(cfg),
+               "plrs": list(cfg.pretrain.lrs), "flrs": list(cfg.finetune.lrs), "swa_ks": list(cfg.swa.ks),
+               "regimes": regimes.to_json(), "per_plr": per_plr}
+    if info:
+        summary["dataset"] = info
+        summary["chance"] = criteria.chance
+    return summary
 
 
 def write_summary(store: ExperimentStore) -> dict[str, Any]:
