@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="grid engine steps per measurement")
     parser.add_argument("--reference-steps", type=int, default=600, help="reference engine steps per model")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-compile", action="store_true", help="run the grid step eagerly")
     args = parser.parse_args()
 
     cfg = load_config("synthetic-paper", [f"engine.device={args.device}"])
@@ -91,7 +92,7 @@ def main() -> None:
         ref_rate = 2 * args.reference_steps / (time.perf_counter() - start)
 
         grid_task = paper_task(runner, args.models, args.steps, cadence)
-        trainer = GridTrainer(runner.make_model)
+        trainer = GridTrainer(runner.make_model, compile=not args.no_compile)
         trainer.train(paper_task(runner, args.models, 10, cadence), data.x_train, data.y_train,
                       data.x_test, data.y_test)  # warm-up
         if args.device.startswith("cuda"):

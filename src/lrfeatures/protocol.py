@@ -118,7 +118,7 @@ class SyntheticRunner:
             result = train_reference(make_model, task, data.x_train, data.y_train, data.x_test, data.y_test)
             self.progress(task.iterations * task.num_models)
             return result
-        trainer = GridTrainer(make_model, self.cfg.engine.memory_budget_gb, self.progress)
+        trainer = GridTrainer(make_model, self.cfg.engine.memory_budget_gb, self.progress, self.cfg.engine.compile)
         return trainer.train(task, data.x_train, data.y_train, data.x_test, data.y_test)
 
     def evaluate(self, theta: torch.Tensor, frozen: dict[str, torch.Tensor], x: torch.Tensor,

@@ -9,6 +9,7 @@ chunks of models that fit a memory budget.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -47,21 +48,36 @@ def plan_chunks(task: GridTask, bytes_per_model: int, budget_bytes: float) -> li
             for lo in range(0, task.num_models, per_chunk)]
 
 
+def chunk_sums(kernel) -> Callable:
+    """(parts, frozen, x, y) -> summed loss and number correct [M] on one shared chunk of samples."""
+
+    def sums(parts, frozen, x, y):
+        loss, correct = loss_and_correct(kernel.forward(parts, frozen, x, True), y)
+        return loss.sum(1), correct.sum(1)
+
+    return sums
+
+
 @torch.no_grad()
-def evaluate_grid(kernel, parts: list[torch.Tensor], frozen, x: torch.Tensor, y: torch.Tensor,
+def evaluate_grid(sums: Callable, parts: list[torch.Tensor], frozen, x: torch.Tensor, y: torch.Tensor,
                   chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean loss [M] and accuracy [M] of every model on a shared set, in sample chunks."""
     loss_sum = torch.zeros(parts[0].shape[0], device=parts[0].device, dtype=parts[0].dtype)
     correct_sum = torch.zeros_like(loss_sum)
     for lo in range(0, len(x), chunk_size):
-        logits = kernel.forward(parts, frozen, x[lo:lo + chunk_size], True)
-        loss, correct = loss_and_correct(logits, y[lo:lo + chunk_size])
-        loss_sum += loss.sum(1)
-        correct_sum += correct.sum(1)
+        loss, correct = sums(parts, frozen, x[lo:lo + chunk_size], y[lo:lo + chunk_size])
+        loss_sum += loss
+        correct_sum += correct
     return loss_sum / len(x), correct_sum / len(x)
 
 
-EVAL_CHUNK = 1024  # samples per evaluation pass
+EVAL_CHUNK = 1024  # most samples per evaluation pass
+EVAL_ELEMENTS = 2**19  # activations per layer and pass: small enough to stay in cache
+
+
+def eval_chunk_size(num_models: int, width: int) -> int:
+    """Samples per evaluation pass: many models -> small passes that stay in cache (~2 MB)."""
+    return max(16, min(EVAL_CHUNK, EVAL_ELEMENTS // max(1, num_models * width)))
 
 
 def evaluate_models(make_model: Callable[[], nn.Module], theta: torch.Tensor, frozen: dict[str, torch.Tensor],
@@ -70,39 +86,73 @@ def evaluate_models(make_model: Callable[[], nn.Module], theta: torch.Tensor, fr
     """Loss and accuracy [M] of many flat-weight models on one set, chunked to the budget."""
     template = make_model().to(x.device)
     kernel = kernel_for(template)
-    per_model = 4 * (2 * theta.shape[1] + 3 * EVAL_CHUNK * activation_elements(template, x))
-    step = max(1, int(memory_budget_gb * 2**30 // per_model))
-    results = [evaluate_grid(kernel, split(theta[lo:lo + step], kernel.shapes),
-                             kernel.stack_frozen({k: v[lo:lo + step] for k, v in frozen.items()}), x, y, EVAL_CHUNK)
+    acts = activation_elements(template, x)
+    step = max(1, int(memory_budget_gb * 2**30 // (4 * (2 * theta.shape[1] + 3 * EVAL_CHUNK * acts))))
+    results = [evaluate_grid(chunk_sums(kernel), split(theta[lo:lo + step], kernel.shapes),
+                             kernel.stack_frozen({k: v[lo:lo + step] for k, v in frozen.items()}), x, y,
+                             eval_chunk_size(min(step, theta.shape[0] - lo), acts))
                for lo in range(0, theta.shape[0], step)]
     return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
+
+
+def compiled(step: Callable) -> Callable:
+    """torch.compile(step), falling back to eager (with a warning) where compiling fails."""
+    compiled_step = torch.compile(step, dynamic=False)
+    state = {"fn": compiled_step}
+
+    def run(*args):
+        try:
+            return state["fn"](*args)
+        except Exception as err:  # no C++ compiler, unsupported backend, ...
+            if state["fn"] is step:
+                raise
+            warnings.warn(f"torch.compile failed ({type(err).__name__}); running the grid engine eagerly")
+            state["fn"] = step
+            return step(*args)
+
+    return run
 
 
 class GridTrainer:
     """Trains a GridTask chunk by chunk; the model template fixes the architecture."""
 
     def __init__(self, make_model: Callable[[], nn.Module], memory_budget_gb: float = 4.0,
-                 progress: Callable[[int], None] | None = None):
+                 progress: Callable[[int], None] | None = None, compile: bool = False):
         self.template = make_model()
         self.kernel = kernel_for(self.template)
         self.budget = memory_budget_gb * 2**30
         self.progress = progress or (lambda steps: None)
+        # torch.compile fuses the element-wise work of a step (LayerNorm, ReLU, the sphere
+        # projection): about 2x on CPU. Off for tiny grids, where compiling costs more than it saves.
+        self.step = compiled(self.lockstep) if compile else self.lockstep
+        self.sums = compiled(chunk_sums(self.kernel)) if compile else chunk_sums(self.kernel)
+
+    def lockstep(self, parts: list[torch.Tensor], frozen, lrs: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor,
+                 shared: bool, active: torch.Tensor, grad_norm: torch.Tensor, rho: float, rule: str):
+        """One step of every model: loss and gradient, divergence flags, sphere step (in place)."""
+        loss, grads = self.kernel.loss_and_grad(parts, frozen, xb, yb, shared)
+        grad_norm = torch.where(active, joint_norm(grads, 1), grad_norm)
+        # Divergence is sticky and recorded; a diverged model's weights are non-finite and
+        # stay so, exactly as in the reference engine.
+        active = active & torch.isfinite(loss) & torch.isfinite(grad_norm)
+        sphere_step_(parts, grads, lrs, rho, rule, batch_dims=1)
+        return loss, grad_norm, active
 
     def bytes_per_model(self, task: GridTask, sample: torch.Tensor) -> tuple[int, int]:
-        """Working-set bytes of one model, and the evaluation chunk size that keeps it bounded."""
+        """Working-set bytes of one model (an upper bound), and its activations per sample."""
         num_params = task.init.shape[1] + sum(v[0].numel() for v in task.frozen.values())
         acts = activation_elements(self.template.to(sample.device), sample)
         per_model = 4 * (8 * num_params + task.keep_checkpoints * task.init.shape[1]
                          + 8 * task.batch_size * acts + 3 * EVAL_CHUNK * acts)
-        return per_model, EVAL_CHUNK
+        return per_model, acts
 
     def train(self, task: GridTask, x_train: torch.Tensor, y_train: torch.Tensor,
               x_test: torch.Tensor, y_test: torch.Tensor) -> GridResult:
         """Train all models of the task; results in the task's model order."""
-        per_model, eval_chunk = self.bytes_per_model(task, x_train)
+        per_model, acts = self.bytes_per_model(task, x_train)
         chunks = plan_chunks(task, per_model, self.budget)
         return GridResult.concat([self.train_chunk(task.select(idx), x_train, y_train, x_test, y_test,
-                                                   eval_chunk) for idx in chunks])
+                                                   eval_chunk_size(len(idx), acts)) for idx in chunks])
 
     def train_chunk(self, task: GridTask, x_train, y_train, x_test, y_test, eval_chunk: int) -> GridResult:
         """Train one chunk in lockstep."""
@@ -125,8 +175,8 @@ class GridTrainer:
         steps_since_log = torch.zeros(num_models, **floats)
 
         def log(row: int) -> None:
-            train_loss, train_acc = evaluate_grid(kernel, parts, frozen, x_train, y_train, eval_chunk)
-            test_loss, test_acc = evaluate_grid(kernel, parts, frozen, x_test, y_test, eval_chunk)
+            train_loss, train_acc = evaluate_grid(self.sums, parts, frozen, x_train, y_train, eval_chunk)
+            test_loss, test_acc = evaluate_grid(self.sums, parts, frozen, x_test, y_test, eval_chunk)
             values = dict(train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc,
                           grad_norm=grad_norm, grad_norm_mean=grad_sum / steps_since_log,
                           batch_loss_mean=loss_sum / steps_since_log, diverged=(~active).to(dtype))
@@ -144,12 +194,8 @@ class GridTrainer:
             for j in range(count):
                 step = start + j + 1
                 batch = order[0, j] if shared else order[:, j][local_stream]
-                loss, grads = kernel.loss_and_grad(parts, frozen, x_train[batch], y_train[batch], shared)
-                grad_norm = torch.where(active, joint_norm(grads, 1), grad_norm)
-                # Divergence is sticky and recorded; a diverged model's weights are non-finite and
-                # stay so, exactly as in the reference engine.
-                active &= torch.isfinite(loss) & torch.isfinite(grad_norm)
-                sphere_step_(parts, grads, lrs, task.rho, task.rule, batch_dims=1)
+                loss, grad_norm, active = self.step(parts, frozen, lrs, x_train[batch], y_train[batch], shared,
+                                                    active, grad_norm, task.rho, task.rule)
                 grad_sum += torch.where(active, grad_norm, 0.0)
                 loss_sum += torch.where(active, loss, 0.0)
                 steps_since_log += active

@@ -1,8 +1,8 @@
 """Batched loss-and-gradient kernels: M models at once, SI weights as per-part tensors [M, ...].
 
 `MLPKernel` is hand-batched for the SI MLP: activations are [M, N, width], every layer is
-one bmm with fused LayerNorm kernels, and when all models share an input (evaluation, or
-one batch stream) the first layer is a single large matrix product. Its backward pass is
+one bmm with fused LayerNorm kernels; an input shared by all models (evaluation, or one
+batch stream) enters as a stride-0 batch, without copies. Its backward pass is
 written out by hand; tests check it against autograd and the reference engine.
 `FuncKernel` handles any stateless model through torch.func (vmap over functional_call).
 """
@@ -31,15 +31,9 @@ class MLPKernel:
                 cache: list | None = None) -> torch.Tensor:
         """Logits [M, N] (binary) or [M, N, C] of per-layer weights [M, out, in];
         x is shared [N, D] or per-model [M, N, D]."""
-        num_models = weights[0].shape[0]
-        if shared:  # every model sees the same input: the first layer is one GEMM
-            first = weights[0].reshape(-1, x.shape[1])  # [M*H, D]
-            h = (x @ first.T).view(x.shape[0], num_models, -1).transpose(0, 1)
-        else:
-            h = torch.bmm(x, weights[0].transpose(1, 2))
-        for i, w in enumerate(weights):
-            if i > 0:
-                h = torch.bmm(h, w.transpose(1, 2))
+        h = x.expand(len(weights[0]), *x.shape) if shared else x  # a stride-0 batch: no copy
+        for w in weights:
+            h = torch.bmm(h, w.transpose(1, 2))
             normed, mean, rstd = torch.native_layer_norm(h, (h.shape[-1],), None, None, self.eps)
             act = torch.relu(normed) if self.relu else torch.tanh(normed)
             if cache is not None:
@@ -72,15 +66,10 @@ class MLPKernel:
                        else upstream * (1 - act.square()))
             dpre = torch.ops.aten.native_layer_norm_backward(dnormed, pre, (pre.shape[-1],), mean, rstd,
                                                              None, None, (True, False, False))[0]
+            below = cache[i - 1][3] if i > 0 else (x.expand(len(dpre), *x.shape) if shared else x)
+            grads[i] = torch.bmm(dpre.transpose(1, 2), below)
             if i > 0:
-                below = cache[i - 1][3]
-                grads[i] = torch.bmm(dpre.transpose(1, 2), below)
                 upstream = torch.bmm(dpre, weights[i])
-            elif shared:  # one GEMM: [D, N] @ [N, M*H]
-                grads[0] = (x.T @ dpre.transpose(0, 1).reshape(n, -1)).view(x.shape[1], len(dpre), -1
-                                                                             ).permute(1, 2, 0)
-            else:
-                grads[0] = torch.bmm(dpre.transpose(1, 2), x)
         return loss, grads
 
     @staticmethod
