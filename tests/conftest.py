@@ -26,7 +26,7 @@ TINY_OVERRIDES = [
     "pretrain.lrs=[1e-3, 1e-2, 0.3]", "pretrain.iterations=200", "pretrain.ckpt_every=20",
     "pretrain.log_every=50", "pretrain.keep_checkpoints=0", "finetune.lrs=[1e-4, 1e-3]",
     "finetune.iterations=100", "finetune.log_every=100", "swa.ks=[2, 5]", "seeds.data=[0]", "seeds.train=[0, 1]",
-    "engine.memory_budget_gb=1",
+    "engine.memory_budget_gb=1", "engine.compile=false",
 ]
 
 

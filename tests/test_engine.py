@@ -120,8 +120,7 @@ def test_generic_kernel_matches_hand_kernel(data):
     """The torch.func path (any stateless model) gives the hand kernel's trajectories."""
     task = make_task([1e-3, 3e-3], iterations=100, log_every=50)
     hand = GridTrainer(builder()).train(task, data.x_train, data.y_train, data.x_test, data.y_test)
-    trainer = GridTrainer(builder())
-    trainer.kernel = FuncKernel(trainer.template)
+    trainer = GridTrainer(builder(), kernel=FuncKernel(builder()()))
     generic = trainer.train(task, data.x_train, data.y_train, data.x_test, data.y_test)
     torch.testing.assert_close(generic.final, hand.final, rtol=0, atol=1e-5)
     torch.testing.assert_close(generic.logs["train_loss"], hand.logs["train_loss"], rtol=1e-5, atol=1e-6)
@@ -170,6 +169,15 @@ def test_norm_preserved_every_step(data):
     result = GridTrainer(builder()).train(task, data.x_train, data.y_train, data.x_test, data.y_test)
     norms = result.checkpoints.norm(dim=-1)
     torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-6)
+
+
+def test_compiled_step_matches_eager(data):
+    """torch.compile fuses the step; in the non-chaotic regime the trajectories stay the same."""
+    task = make_task([1e-4, 1e-3], iterations=100, log_every=50)
+    eager = GridTrainer(builder()).train(task, data.x_train, data.y_train, data.x_test, data.y_test)
+    fused = GridTrainer(builder(), compile=True).train(task, data.x_train, data.y_train, data.x_test, data.y_test)
+    torch.testing.assert_close(fused.final, eager.final, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fused.logs["test_acc"], eager.logs["test_acc"], rtol=0, atol=1e-3)
 
 
 @pytest.mark.gpu

@@ -117,9 +117,9 @@ class GridTrainer:
     """Trains a GridTask chunk by chunk; the model template fixes the architecture."""
 
     def __init__(self, make_model: Callable[[], nn.Module], memory_budget_gb: float = 4.0,
-                 progress: Callable[[int], None] | None = None, compile: bool = False):
+                 progress: Callable[[int], None] | None = None, compile: bool = False, kernel=None):
         self.template = make_model()
-        self.kernel = kernel_for(self.template)
+        self.kernel = kernel or kernel_for(self.template)
         self.budget = memory_budget_gb * 2**30
         self.progress = progress or (lambda steps: None)
         # torch.compile fuses the element-wise work of a step (LayerNorm, ReLU, the sphere
