@@ -1,8 +1,10 @@
 """Command line: a thin layer that parses, loads configs and calls the experiment and report.
 
     lrfeatures synthetic [--preset quick|paper|FILE] [--out DIR] [--set a.b=v ...]
-    lrfeatures images [--dataset cifar10|cifar100|folder:PATH] [--model convnet-si|resnet18-si]
+    lrfeatures images [--dataset cifar10|cifar100|folder:PATH] [--model convnet-si|resnet18-si|resnet18|vit|vit-si]
                       [--preset cpu-small|paper|FILE] [--out DIR] [--set a.b=v ...]
+    lrfeatures fourier DIR [--normalization train|none|train_background_only|train_additive]
+                           [--device DEV]
     lrfeatures report DIR
     lrfeatures presets
 """
@@ -24,6 +26,8 @@ EPILOG = """examples:
   lrfeatures report runs/synthetic-quick            # redraw figures without retraining
   lrfeatures images --dataset folder:cifar10-jpeg.tar.gz --model convnet-si --preset cpu-small
   lrfeatures images --dataset cifar10 --model resnet18-si --preset paper --device cuda
+  lrfeatures images --dataset cifar10 --model vit --preset paper --device cuda   # vit-small-paper
+  lrfeatures fourier runs/images-cpu-small          # test accuracy per frequency band of every model
 Re-running a command with the same --out resumes it: finished shards are kept."""
 
 
@@ -70,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     img = sub.add_parser("images", help="pretrain -> finetune -> SWA -> geometry on CIFAR or an image folder",
                          description="Run the image experiment (SPEC §4, §6) and write its report.")
     img.add_argument("--dataset", help="cifar10 | cifar100 | folder:PATH (default: the preset's)")
-    img.add_argument("--model", choices=["convnet-si", "resnet18-si"], help="default: the preset's")
-    img.add_argument("--preset", default="cpu-small", help="cpu-small | paper | a TOML file (default: cpu-small)")
+    img.add_argument("--model", choices=["convnet-si", "resnet18-si", "resnet18", "vit", "vit-si"],
+                     help="default: the preset's (resnet18, vit: the practical setting, SPEC §4)")
+    img.add_argument("--preset", default="cpu-small", help="cpu-small | paper | a full preset name such as "
+                     "practical-resnet18-cpu-small or vit-small-paper | a TOML file (default: cpu-small)")
     img.add_argument("--out", help="experiment directory (default: runs/<preset name>)")
     img.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                      help="override any config field, e.g. pretrain.epochs=20 (repeatable)")
@@ -80,6 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     img.add_argument("--no-report", action="store_true", help="skip figures and report.html")
     img.add_argument("--quiet", action="store_true", help="no progress bar")
     add_executor_flags(img)
+
+    fou = sub.add_parser("fourier", help="test accuracy per Fourier band of every model of an image experiment",
+                         description="Keep-band and remove-band test accuracy (SPEC §5) of every model of an "
+                         "image experiment: writes DIR/bands.parquet, a bands block in summary.json, "
+                         "and redraws the report.")
+    fou.add_argument("dir", help="directory of an image experiment")
+    fou.add_argument("--normalization",
+                     choices=["train", "none", "train_background_only", "train_additive"],
+                     help="normalization of band images (default: train_additive): train = the training mean/std, "
+                     "as in training; none = raw filtered values; train_background_only = normalize only "
+                     "images that contain the background (DC) term; train_additive = as train for images "
+                     "with the DC term, divide by std only for the others (normalized bands add up)")
+    fou.add_argument("--device", help="device for the models (default: the experiment's engine.device)")
+    fou.add_argument("--no-report", action="store_true", help="skip figures and report.html")
+    fou.add_argument("--quiet", action="store_true", help="no progress lines")
 
     rep = sub.add_parser("report", help="redraw figures and report.html of an experiment from its store")
     rep.add_argument("dir", help="experiment directory")
@@ -126,6 +147,23 @@ def run_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_fourier(args: argparse.Namespace) -> int:
+    """`lrfeatures fourier`."""
+    from .analysis.bands import BandsConfig, band_means, print_progress, run_bands
+
+    bands_cfg = BandsConfig(device=args.device or "")
+    bands_cfg.normalization = args.normalization or bands_cfg.normalization
+    table = run_bands(args.dir, bands_cfg, None if args.quiet else print_progress)
+    means = band_means(table, "pretrain", "keep", bands_cfg.normalization)
+    print(f"keep-band test accuracy after pre-training (normalization={bands_cfg.normalization}, "
+          "mean over seeds):")
+    print(means.to_string(float_format=lambda v: f"{v:.3f}"))
+    print(f"results: {Path(args.dir) / 'bands.parquet'}")
+    if not args.no_report:
+        print(f"report: {write_report_checked(Path(args.dir))}")
+    return 0
+
+
 def run_on_executor(args: argparse.Namespace, cfg, out: Path) -> dict:
     """Run every pending shard of the experiment on the chosen executor (local: experiment.run())."""
     from .executor import ExperimentFactory, make_executor, run_experiment
@@ -149,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_synthetic(args)
         if args.command == "images":
             return run_images(args)
+        if args.command == "fourier":
+            return run_fourier(args)
         if args.command == "report":
             from . import images_experiment  # noqa: F401  (registers the "images" config kind)
             from .store import ExperimentStore

@@ -11,6 +11,24 @@ All PLRs of a training seed share the initial point and the batch order (as in t
 protocol), so the LR is the only difference between them. A finished shard is never
 recomputed: running the same experiment again resumes it. Tables follow notes/tables.md;
 pretrain rows of evaluations also carry `epochs_to_convergence`.
+
+Practical setting (SPEC §4): models with trainable parameters outside an SI group train split.
+    SI group (convnet-si, resnet18-si, vit-si)   on the sphere at the fixed effective LR = the
+                                                 grid LR (PLR or FLR); `optimizer` and
+                                                 `schedule` do not apply to it
+    every other trainable parameter (all of      the `optimizer` section (sgd | adam | adamw,
+    resnet18 and vit, the rest of vit-si)        momentum, betas, weight decay) at LR =
+                                                 optimizer.lr_scale x the grid LR, under the
+                                                 `schedule` (constant as in the paper; cosine,
+                                                 step), restarted with a fresh optimizer state
+                                                 for every fine-tuning run (our choice)
+Weight decay therefore never touches the SI group. Checkpoints, SWA averages and linear paths
+use the tracked vector (SI group, then every other trainable parameter); on loading, only the SI
+part is put back at norm rho. Angles are measured over the SI group when there is one, else over
+ALL trainable parameters; barriers of a model without SI group interpolate its raw parameters
+(nothing to rescale) and always recompute BN. Training regimes (SPEC §1) are defined for a
+fixed effective LR on the sphere: for a model without SI group summary.json says regime = null
+and "regimes": {"defined": false, ...}, and the figures draw no boundaries.
 """
 
 from __future__ import annotations
@@ -28,21 +46,27 @@ from torch import nn
 
 from .analysis.geometry import angular_distance, linear_barrier
 from .analysis.probes import GEOMETRY_PAIRS, geometry_swa_k
-from .analysis.summary import write_summary
+from .analysis.summary import build_summary
 from .config import (ModelConfig, SeedsConfig, SphereConfig, SWAConfig, check_lrs, check_positive, get_field,
                      load_config, preset_names, read_toml, register_config_kind)
 from .data.augment import Augment
 from .data.images import CIFAR, first_per_class, load_image_dataset
-from .engine.images import (DeviceImages, ImageTask, ImageTrainResult, evaluate, load_si_, recompute_bn,
-                            train_image_model)
+from .data.randaugment import MAX_MAGNITUDE, RandAugment
+from .engine.images import (DeviceImages, ImageTask, ImageTrainResult, evaluate, load_si_, load_tracked_,
+                            recompute_bn, tracked_parameters, train_image_model)
 from .errors import ConfigError
 from .models.registry import build_model, si_parameters
+from .models.vit import ViT
+from .optim import OPTIMIZERS, OptimizerConfig, ScheduleConfig, build_optimizer
 from .protocol import KEY_COLUMNS, resolve_device
 from .seeding import derive_seed, generator
 from .sphere import flatten
 from .store import ExperimentStore, ShardWriter, write_json
 
-IMAGE_MODELS = ("convnet-si", "resnet18-si")
+# Image models and whether they have an SI group (trained on the sphere).
+IMAGE_MODELS = {"convnet-si": True, "resnet18-si": True, "vit-si": True, "resnet18": False, "vit": False}
+NO_REGIME_REASON = ("training regimes are defined for an SI group trained on the sphere at a fixed effective "
+                    "LR (SPEC §1-2); this model has no SI group, so no regime is assigned")
 TABLES = ("metrics", "evaluations", "geometry")
 
 
@@ -58,7 +82,9 @@ class ImageDataConfig:
     max_test_per_class: int = 0       # a smaller test set (0 = as max_per_class)
     val_fraction: float = 0.0         # seeded, stratified part of train held out as val
     test_fraction: float = 0.2        # test part of a folder without train/ and test/
-    augment: bool = False             # random crop (pad 4) + flip; off in the paper's SI setup
+    augment: bool = False             # random crop (pad crop_padding) + flip; off in the paper's SI setup
+    crop_padding: int = 4             # zero padding of the random crop
+    randaugment: list[int] = field(default_factory=list)  # [N, M]: RandAugment(N, M) after crop/flip; [] = off
     normalization: str = "cifar"      # "cifar" (SPEC mean/std) | "dataset" (from the training images)
     classes: list[str] = field(default_factory=list)  # label order of a folder (default: sorted names)
     sha256: str = ""                  # checksum of your own copy instead of the official MD5
@@ -83,6 +109,35 @@ class ImageFinetuneConfig:
     lrs: list[float] = field(default_factory=lambda: [1e-5, 3e-4])
     epochs: int = 200
     log_every_epochs: int = 1
+
+
+@dataclass
+class ImageOptimizerConfig:
+    """The optimizer of every trainable parameter outside the SI group (see the module docstring)."""
+
+    name: str = "sgd"                 # "sgd" | "adam" | "adamw"
+    momentum: float = 0.0             # sgd only
+    weight_decay: float = 0.0         # L2 for sgd/adam, decoupled for adamw; never on the SI group
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw
+    eps: float = 1e-8
+    lr_scale: float = 1.0             # their LR = lr_scale x the grid LR (PLR / FLR)
+
+    def at(self, lr: float) -> OptimizerConfig:
+        """The optimizer for grid LR `lr`."""
+        return OptimizerConfig(self.name, lr * self.lr_scale, self.momentum, self.weight_decay,
+                               tuple(self.betas), self.eps)
+
+
+@dataclass
+class ViTOptionsConfig:
+    """ViT sizes besides model.width (= dim) and model.depth; SPEC §4 values by default."""
+
+    heads: int = 8
+    dim_head: int = 64
+    mlp_dim: int = 512
+    patch: int = 4
+    dropout: float = 0.1
+    emb_dropout: float = 0.1
 
 
 @dataclass
@@ -114,6 +169,9 @@ class ImageConfig:
     data: ImageDataConfig = field(default_factory=ImageDataConfig)
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name="convnet-si", width=32, depth=3))
     sphere: SphereConfig = field(default_factory=lambda: SphereConfig(rho=0.0))  # 0: the norm at init
+    optimizer: ImageOptimizerConfig = field(default_factory=ImageOptimizerConfig)  # non-SI parameters only
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # their LR per step; SI ELR stays fixed
+    vit: ViTOptionsConfig = field(default_factory=ViTOptionsConfig)   # used by vit / vit-si only
     pretrain: ImagePretrainConfig = field(default_factory=ImagePretrainConfig)
     finetune: ImageFinetuneConfig = field(default_factory=ImageFinetuneConfig)
     swa: SWAConfig = field(default_factory=SWAConfig)
@@ -133,8 +191,9 @@ class ImageConfig:
         if spec not in CIFAR and not (spec.startswith("folder:") and spec[len("folder:"):]):
             raise ConfigError(f"data.dataset={spec!r} is unknown; use cifar10, cifar100 or folder:PATH")
         if self.model.name not in IMAGE_MODELS:
-            raise ConfigError(f"model.name={self.model.name!r} cannot train on the sphere here; "
+            raise ConfigError(f"model.name={self.model.name!r} is not an image model here; "
                               f"use one of: {', '.join(IMAGE_MODELS)}")
+        self.validate_practical()
         if self.data.normalization not in ("cifar", "dataset"):
             raise ConfigError(f"data.normalization={self.data.normalization!r} is unknown; use 'cifar' or 'dataset'")
         for name in ("data.max_per_class", "data.max_test_per_class", "pretrain.keep_checkpoints",
@@ -166,6 +225,43 @@ class ImageConfig:
                 raise ConfigError(f"swa.ks holds {k} but pre-training saves only {n_ckpts} checkpoints; "
                                   f"use K in 1..{n_ckpts} or more epochs")
 
+    def validate_practical(self) -> None:
+        """The optimizer, schedule, augmentation and ViT fields of the practical setting."""
+        o = self.optimizer
+        if o.name not in OPTIMIZERS:
+            raise ConfigError(f"optimizer.name={o.name!r} is unknown; use one of: {', '.join(OPTIMIZERS)}")
+        if not (math.isfinite(o.lr_scale) and o.lr_scale > 0):
+            raise ConfigError(f"optimizer.lr_scale={o.lr_scale} must be > 0 (1 = the grid LR)")
+        if len(o.betas) != 2:
+            raise ConfigError(f"optimizer.betas={o.betas} must be two numbers, e.g. [0.9, 0.999]")
+        probe = torch.zeros(1, requires_grad=True)
+        try:  # the optimizer and schedule builders check every field; name the section on failure
+            optimizer = build_optimizer([probe], o.name, 1.0, o.momentum, o.weight_decay, tuple(o.betas), o.eps)
+        except ConfigError as err:
+            raise ConfigError(f"optimizer: {err}") from None
+        try:
+            self.schedule.build(optimizer, self.schedule.warmup_steps + 1)
+        except ConfigError as err:
+            raise ConfigError(f"schedule: {err}") from None
+        d = self.data
+        if d.crop_padding < 0:
+            raise ConfigError(f"data.crop_padding={d.crop_padding} must be >= 0")
+        if d.randaugment and (len(d.randaugment) != 2 or d.randaugment[0] < 0
+                              or not 0 <= d.randaugment[1] <= MAX_MAGNITUDE):
+            raise ConfigError(f"data.randaugment={d.randaugment} must be [N, M] with N >= 0 and M in 0..30 "
+                              "(the paper's ViT: [2, 14]), or [] for none")
+        v = self.vit
+        if min(v.heads, v.dim_head, v.mlp_dim, v.patch) < 1:
+            raise ConfigError("vit.heads, vit.dim_head, vit.mlp_dim and vit.patch must be >= 1")
+        for name in ("vit.dropout", "vit.emb_dropout"):
+            if not 0.0 <= get_field(self, name) < 1.0:
+                raise ConfigError(f"{name}={get_field(self, name)} must be in [0, 1)")
+
+    @property
+    def has_si_group(self) -> bool:
+        """Whether the model trains an SI group on the sphere (regimes are defined)."""
+        return IMAGE_MODELS[self.model.name]
+
     @property
     def checkpoints_kept(self) -> int:
         """How many of the most recent epoch checkpoints are stored per model."""
@@ -181,14 +277,18 @@ def image_config(preset: str, overrides: list[str] | tuple[str, ...] = (), datas
     """Load an image preset ('cpu-small', 'paper', a full name or a TOML path) with CLI choices applied.
 
     With `model`, a preset variant for that model family is preferred ('paper' + convnet-si ->
-    images-paper-convnet). If the preset was written for another model, its rho no longer
-    fits, so rho falls back to the norm at initialization (sphere.rho = 0) unless overridden.
+    images-paper-convnet; 'cpu-small' + resnet18 -> practical-resnet18-cpu-small; 'paper' +
+    vit or vit-si -> vit-small-paper). If the preset was written for another model, its rho no
+    longer fits, so rho falls back to the norm at initialization (sphere.rho = 0) unless overridden.
     """
     source = preset
     if not (preset.endswith(".toml") or Path(preset).exists()):
         family = (model or "").removesuffix("-si")
+        practical = {"resnet18": "practical-resnet18", "vit": "vit-small", "vit-si": "vit-small"}.get(model or "")
         names = preset_names()
-        for candidate in ([f"images-{preset}-{family}"] if family else []) + [f"images-{preset}", preset]:
+        candidates = ([f"{practical}-{preset}"] if practical else []) + \
+            ([f"images-{preset}-{family}"] if family else []) + [f"images-{preset}", preset]
+        for candidate in candidates:
             if candidate in names:
                 source = candidate
                 break
@@ -288,6 +388,46 @@ def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+# ---------------------------------------------------------------- models and augmentation
+
+def build_image_model(cfg: ImageConfig, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
+    """The experiment's network (CPU), weights drawn from `seed`; the ViT takes its sizes from cfg.vit."""
+    if cfg.model.name not in ("vit", "vit-si"):
+        return build_model(cfg.model, input_shape, num_classes, seed)
+    if len(input_shape) != 3:
+        raise ConfigError(f"the ViT needs image inputs (C, H, W), got {tuple(input_shape)}")
+    c, h, w = input_shape
+    v = cfg.vit
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ViT((h, w), c, num_classes, dim=cfg.model.width, depth=cfg.model.depth, heads=v.heads,
+                   dim_head=v.dim_head, mlp_dim=v.mlp_dim, patch=v.patch, dropout=v.dropout,
+                   emb_dropout=v.emb_dropout, scale_invariant=cfg.model.name == "vit-si",
+                   norm_eps=cfg.model.norm_eps)
+
+
+class AugmentPipeline:
+    """Random crop + flip, then RandAugment(N, M), on uint8 batches; one generator feeds both."""
+
+    def __init__(self, crop_flip: Augment | None, randaugment: RandAugment | None):
+        self.crop_flip, self.randaugment = crop_flip, randaugment
+
+    @classmethod
+    def from_config(cls, d: ImageDataConfig) -> "AugmentPipeline | None":
+        """The pipeline a data config asks for (None: no augmentation)."""
+        crop_flip = Augment(d.crop_padding) if d.augment else None
+        randaugment = RandAugment(d.randaugment[0], d.randaugment[1]) if d.randaugment else None
+        return cls(crop_flip, randaugment) if crop_flip or randaugment else None
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Augmented copy of the batch x [B, C, H, W]."""
+        if self.crop_flip is not None:
+            x = self.crop_flip(x, gen)
+        if self.randaugment is not None:
+            x = self.randaugment(x, gen)
+        return x
+
+
 # ---------------------------------------------------------------- runner
 
 class ImageRunner:
@@ -302,7 +442,7 @@ class ImageRunner:
             if getattr(cfg.engine, flag) and not on_cuda:
                 warnings.warn(f"engine.{flag} only applies on CUDA; ignored on {self.device}", stacklevel=2)
         self.bf16, self.channels_last = cfg.engine.bf16 and on_cuda, cfg.engine.channels_last and on_cuda
-        self.augment = Augment() if cfg.data.augment else None
+        self.augment = AugmentPipeline.from_config(cfg.data)
         self.progress = progress or (lambda n: None)
         self._data: dict[int, DeviceImages] = {}
         self._info: dict[str, Any] | None = None
@@ -334,12 +474,17 @@ class ImageRunner:
         return self._info
 
     def make_model(self, data_seed: int, train_seed: int) -> tuple[nn.Module, float]:
-        """The network of a training seed on the device, and its rho (SI group already at norm rho)."""
+        """The network of a training seed on the device, and its rho (SI group already at norm rho).
+
+        rho is 0.0 for a model without SI group (nothing is on the sphere).
+        """
         info = self.info(data_seed)
-        model = build_model(self.cfg.model, tuple(info["input_shape"]), info["num_classes"],
-                            derive_seed("init", data_seed, train_seed))
-        rho = self.cfg.sphere.rho or float(flatten(si_parameters(model)).detach().norm())
-        load_si_(model, flatten(si_parameters(model)).detach(), rho)
+        model = build_image_model(self.cfg, tuple(info["input_shape"]), info["num_classes"],
+                                  derive_seed("init", data_seed, train_seed))
+        rho = 0.0
+        if si_parameters(model):
+            rho = self.cfg.sphere.rho or float(flatten(si_parameters(model)).detach().norm())
+            load_si_(model, flatten(si_parameters(model)).detach(), rho)
         model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -360,6 +505,14 @@ class ImageRunner:
                                  self.bf16, self.channels_last)
             out[f"{split}_loss"], out[f"{split}_acc"] = float(loss), float(acc)
         return out
+
+    def task(self, lr: float, epochs: int, rho: float, stage: str, shard: ImageShard, log_every: int,
+             ckpt_every: int, keep: int, swa_ks: tuple[int, ...]) -> ImageTask:
+        """A training task at grid LR `lr`: the SI group's ELR, and the optimizer of the other parameters."""
+        cfg, d, s = self.cfg, shard.data_seed, shard.train_seed
+        return ImageTask(lr, epochs, cfg.pretrain.batch_size, rho, ("order", stage, d, s), ("augment", stage, d, s),
+                         cfg.sphere.step, log_every, ckpt_every, keep, swa_ks, cfg.engine.eval_batch_size,
+                         optimizer=cfg.optimizer.at(lr), schedule=cfg.schedule)
 
     def recompute_bn(self, model: nn.Module, x: torch.Tensor, data: DeviceImages) -> nn.Module:
         """BN statistics recomputed on x at the training batch size."""
@@ -393,10 +546,8 @@ class ImageRunner:
         cfg, d, s = self.cfg, shard.data_seed, shard.train_seed
         plr = cfg.pretrain.lrs[shard.plr_index]
         model, rho = self.make_model(d, s)
-        task = ImageTask(plr, cfg.pretrain.epochs, cfg.pretrain.batch_size, rho, ("order", "pretrain", d, s),
-                         ("augment", "pretrain", d, s), cfg.sphere.step, cfg.pretrain.log_every_epochs,
-                         cfg.pretrain.ckpt_every_epochs, cfg.checkpoints_kept, tuple(cfg.swa.ks),
-                         cfg.engine.eval_batch_size)
+        task = self.task(plr, cfg.pretrain.epochs, rho, "pretrain", shard, cfg.pretrain.log_every_epochs,
+                         cfg.pretrain.ckpt_every_epochs, cfg.checkpoints_kept, tuple(cfg.swa.ks))
         result = self.train(model, self.data(d), task)
         metrics, evaluation = training_tables(key_row("pretrain", shard, plr), result)
         evaluation["epochs_to_convergence"] = result.epochs_to_convergence
@@ -417,9 +568,8 @@ class ImageRunner:
         for j, flr in enumerate(cfg.finetune.lrs):
             model, rho = self.make_model(d, s)
             model.load_state_dict(pretrained)
-            task = ImageTask(flr, cfg.finetune.epochs, cfg.pretrain.batch_size, rho, ("order", "finetune", d, s),
-                             ("augment", "finetune", d, s), cfg.sphere.step, cfg.finetune.log_every_epochs,
-                             cfg.finetune.epochs, 0, (), cfg.engine.eval_batch_size)
+            task = self.task(flr, cfg.finetune.epochs, rho, "finetune", shard, cfg.finetune.log_every_epochs,
+                             cfg.finetune.epochs, 0, ())
             result = self.train(model, self.data(d), task)
             m, e = training_tables(key_row("finetune", shard, plr, flr), result)
             metrics.append(m)
@@ -430,10 +580,10 @@ class ImageRunner:
         writer.tensors("weights", tensors)
 
     def swa_model(self, shard: ImageShard, k: int, pretrained: dict[str, torch.Tensor]) -> nn.Module:
-        """The average of the last K checkpoints, at norm rho, with BN recomputed on the training set."""
+        """The average of the last K checkpoints (SI part at norm rho), BN recomputed on the training set."""
         model, rho = self.make_model(shard.data_seed, shard.train_seed)
         model.load_state_dict(unprefixed("final.", pretrained))
-        load_si_(model, pretrained[f"swa.k{k}"], rho)
+        load_tracked_(model, pretrained[f"swa.k{k}"], rho)
         data = self.data(shard.data_seed)
         return self.recompute_bn(model, data.train_x, data)
 
@@ -460,14 +610,16 @@ class ImageRunner:
         finetuned = self.weights(shard, "finetune")
         work, rho = self.make_model(d, shard.train_seed)
         work.load_state_dict(unprefixed("final.", pretrained))
+        # Angles over the SI group when there is one, else over every trainable parameter.
+        n_angle = sum(p.numel() for p in si_parameters(work)) or None
 
-        def si_of(state: dict[str, torch.Tensor]) -> torch.Tensor:
+        def tracked_of(state: dict[str, torch.Tensor]) -> torch.Tensor:
             work.load_state_dict(state)
-            return flatten(si_parameters(work)).detach().clone()
+            return flatten(tracked_parameters(work)).detach().clone()
 
         flrs = cfg.finetune.lrs
-        ft_low = si_of(unprefixed(f"flr{flrs.index(min(flrs))}.", finetuned))
-        ft_high = si_of(unprefixed(f"flr{flrs.index(max(flrs))}.", finetuned))
+        ft_low = tracked_of(unprefixed(f"flr{flrs.index(min(flrs))}.", finetuned))
+        ft_high = tracked_of(unprefixed(f"flr{flrs.index(max(flrs))}.", finetuned))
         k = geometry_swa_k(cfg.swa.ks)
         swa = pretrained[f"swa.k{k}"].to(ft_low)
         x_train, y_train = data.train_x, data.train_y
@@ -482,7 +634,7 @@ class ImageRunner:
         def prepare(w: torch.Tensor) -> torch.Tensor:
             current[0] = next((i for i, sol in enumerate(solutions) if torch.equal(w, sol)), None)
             if current[0] not in known:
-                load_si_(work, w, rho)
+                load_tracked_(work, w, rho)
                 self.recompute_bn(work, x_train, data)
             return w
 
@@ -502,7 +654,7 @@ class ImageRunner:
         for pair, (first, second) in zip(GEOMETRY_PAIRS, [(ft_low, ft_high), (swa, ft_high), (swa, ft_low)]):
             result = linear_barrier(error, first, second, cfg.analysis.geometry_points, prepare)
             rows.append({"data_seed": d, "train_seed": shard.train_seed, "plr": plr, "pair": pair,
-                         "angle": float(angular_distance(first, second)),
+                         "angle": float(angular_distance(first[:n_angle], second[:n_angle])),
                          "train_barrier": result["barrier"]["train"], "test_barrier": result["barrier"]["test"],
                          "swa_k": k})
         writer.table("geometry", pd.DataFrame(rows))
@@ -541,4 +693,20 @@ class ImageExperiment:
             self.runner.info()  # the summary's chance level needs the number of classes
         for name in TABLES:
             self.store.merge_table(name)
-        return write_summary(self.store)
+        return write_image_summary(self.store)
+
+
+def write_image_summary(store: ExperimentStore) -> dict:
+    """summary.json of an image experiment; regime = null for a model without SI group.
+
+    The regime rules assume an SI group at a fixed effective LR on the sphere. For resnet18/vit
+    each per-PLR regime is null and "regimes" is {"defined": false, "reason": ...}, so figures
+    draw no boundaries (analysis.regimes.detect_regimes still runs on the tables if wanted).
+    """
+    summary = build_summary(store)
+    if not store.config().has_si_group:
+        for entry in summary["per_plr"]:
+            entry["regime"] = None
+        summary["regimes"] = {"defined": False, "reason": NO_REGIME_REASON}
+    write_json(store.root / "summary.json", summary)
+    return summary

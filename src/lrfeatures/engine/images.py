@@ -8,6 +8,15 @@ norm sums stay on the device and are read once per log, and divergence is checke
 epoch. Each step is forward -> cross-entropy -> backward -> `sphere_step` on the flat SI group
 (the rate is an effective LR; the joint norm stays rho).
 
+Models with trainable parameters outside their SI group (the practical setting: "resnet18" and
+"vit" have no SI group at all, "vit-si" has one plus ordinary parameters) are split, see
+`SplitOptimizer`: the SI group still steps on the sphere at the task's fixed effective LR, every
+other trainable parameter steps with an ordinary torch optimizer (`ImageTask.optimizer`, with its
+own LR and weight decay) under a per-step LR schedule. Checkpoints and SWA averages then hold the
+"tracked" vector: the SI group first, then the other trainable parameters (`tracked_parameters`).
+Dropout (the ViT) draws from the global RNG, which each task seeds inside `fork_rng`, so a run
+is reproducible and resumable.
+
 One model trains at a time: several PLRs are not batched into one program here (on a GPU the
 ResNet-18 already fills the device; on a CPU a grid of small convs gains little).
 """
@@ -23,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import Augment
 from ..data.batches import batch_indices
 from ..data.images import CIFAR_MEAN, CIFAR_STD, ImageDataset, channel_mean_std, normalize
 from ..errors import ConfigError
 from ..models.registry import si_parameters
-from ..seeding import generator
+from ..optim import OptimizerConfig, ScheduleConfig
+from ..seeding import derive_seed, generator
 from ..sphere import flatten, project, sphere_step, unflatten_into_
 from .common import LOG_FIELDS
 
@@ -95,6 +104,8 @@ class ImageTask:
     keep_checkpoints: int = 0             # the most recent checkpoints returned
     swa_ks: tuple[int, ...] = ()          # averages of the last K checkpoints, accumulated online
     eval_batch_size: int = 1000
+    optimizer: OptimizerConfig | None = None  # parameters outside the SI group (None: there must be none)
+    schedule: ScheduleConfig | None = None    # their LR schedule over the task's steps (None: constant)
 
     def log_epochs(self) -> list[int]:
         """Epochs after which metrics are logged."""
@@ -111,10 +122,10 @@ class ImageTrainResult:
     """Final state, kept checkpoints, online SWA averages and per-log metrics of one run."""
 
     state: dict[str, torch.Tensor]                 # final state_dict (CPU)
-    checkpoints: torch.Tensor                      # [K, P] SI vectors, oldest first
+    checkpoints: torch.Tensor                      # [K, P] tracked vectors (SI group first), oldest first
     checkpoint_buffers: torch.Tensor               # [K, Q] BN running statistics
     checkpoint_epochs: list[int]
-    swa: dict[int, torch.Tensor]                   # K -> [P] mean of the last K checkpoints' SI vectors
+    swa: dict[int, torch.Tensor]                   # K -> [P] mean of the last K checkpoints' tracked vectors
     metrics: dict[str, list[float]] = field(default_factory=dict)  # "step" and LOG_FIELDS (+ val_*)
     final: dict[str, float] = field(default_factory=dict)          # full eval-mode evaluation
     diverged: bool = False
@@ -177,6 +188,8 @@ def recompute_bn(model: nn.Module, x_uint8: torch.Tensor, batch_size: int,
     (interpolated or averaged BN buffers are meaningless, SPEC §6-7). Leaves the model in eval mode.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:  # nothing to recompute (the ViT): spare the passes over the training set
+        return model.eval()
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
@@ -193,6 +206,24 @@ def recompute_bn(model: nn.Module, x_uint8: torch.Tensor, batch_size: int,
     return model
 
 
+def copy_into_(vector: torch.Tensor, params: list[nn.Parameter]) -> None:
+    """Copy a flat vector into parameters of any shape, 0-d ones included (the ViT's temperature)."""
+    with torch.no_grad():
+        for p, part in zip(params, vector.split([p.numel() for p in params])):
+            p.copy_(part.view_as(p))
+
+
+def free_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Trainable parameters outside the SI group, in module order (the practical setting's group)."""
+    si = {id(p) for p in si_parameters(model)}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in si]
+
+
+def tracked_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What checkpoints, SWA and geometry follow: the SI group, then every other trainable parameter."""
+    return si_parameters(model) + free_parameters(model)
+
+
 def check_trainable(model: nn.Module) -> list[nn.Parameter]:
     """The SI group, after checking that nothing else in the model is trainable."""
     params = si_parameters(model)
@@ -207,35 +238,72 @@ def check_trainable(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-class SphereSGD:
-    """Steps one model on the sphere and keeps device-side sums of loss, accuracy and grad norm."""
+class SplitOptimizer:
+    """Steps one model: its SI group on the sphere at a fixed effective LR, the rest with `free`.
+
+    The SI group (possibly empty) moves by `sphere_step` and keeps its joint norm rho; `free`
+    (an OptimizerConfig whose lr is the LR of these parameters) trains every other trainable
+    parameter (possibly none), with its weight decay applying to them only, under `schedule`
+    stepped once per step over `total_steps`. free=None demands a fully SI model (the SI
+    setting). Keeps device-side sums of loss, accuracy and gradient norm. The reported
+    gradient norm is the SI group's at the unit-sphere scale (||g|| * rho) when there is an SI
+    group, else the norm of the whole gradient.
+    """
 
     def __init__(self, model: nn.Module, effective_lr: float, rho: float, rule: str = "projected",
-                 bf16: bool = False):
+                 bf16: bool = False, free: OptimizerConfig | None = None,
+                 schedule: ScheduleConfig | None = None, total_steps: int = 1):
         self.model, self.lr, self.rho, self.rule, self.bf16 = model, effective_lr, rho, rule, bf16
-        self.params = check_trainable(model)
-        device = self.params[0].device
+        if free is None:
+            self.params, self.free = check_trainable(model), []
+        else:
+            self.params, self.free = si_parameters(model), free_parameters(model)
+            if not self.params and not self.free:
+                raise ConfigError(f"{type(model).__name__} has no trainable parameters; check the model")
+        self.optimizer = free.build(self.free) if self.free else None
+        self.scheduler = ((schedule or ScheduleConfig()).build(self.optimizer, total_steps)
+                          if self.optimizer is not None else None)
+        device = (self.params or self.free)[0].device
         self.active = torch.ones((), dtype=torch.bool, device=device)  # False once a step was non-finite
         zeros = lambda dtype: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
         self.loss_sum, self.grad_sum, self.last_grad = zeros(torch.float64), zeros(torch.float64), zeros(torch.float64)
         self.correct, self.seen, self.steps = zeros(torch.int64), zeros(torch.int64), zeros(torch.int64)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """One SGD step on the normalized batch x [B, C, H, W], then rescale the SI group to rho."""
+        """One step on the normalized batch x [B, C, H, W]: sphere step for SI, optimizer step for the rest."""
         self.model.train()
         with amp_context(x.device, self.bf16):
             logits = self.model(x).float()
         loss = F.cross_entropy(logits, y)
-        grad = flatten(torch.autograd.grad(loss, self.params))
+        grads = torch.autograd.grad(loss, self.params + self.free)
+        si_grads, free_grads = grads[:len(self.params)], grads[len(self.params):]
         with torch.no_grad():
-            theta = flatten(self.params)
-            grad_norm = grad.norm()
-            self.active &= torch.isfinite(loss) & torch.isfinite(grad_norm)
+            finite = torch.isfinite(loss)
+            if self.params:
+                theta, grad = flatten(self.params), flatten(si_grads)
+                # Reported at the unit-sphere scale: the gradient norm scales as 1/||theta|| (SPEC §2).
+                grad_norm = grad.norm().double() * self.rho
+            if self.free:
+                free_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(free_grads))).double()
+                finite &= torch.isfinite(free_norm)
+                grad_norm = grad_norm if self.params else free_norm
+            finite &= torch.isfinite(grad_norm)
+            self.active &= finite
             # A rejected step keeps the last finite weights: the model is frozen, not crashed.
-            unflatten_into_(torch.where(self.active, sphere_step(theta, grad, self.lr, self.rho, self.rule),
-                                        theta), self.params)
-            # Reported at the unit-sphere scale: the gradient norm scales as 1/||theta|| (SPEC §2).
-            grad_norm = grad_norm.double() * self.rho
+            if self.params:
+                unflatten_into_(torch.where(self.active, sphere_step(theta, grad, self.lr, self.rho, self.rule),
+                                            theta), self.params)
+            if self.free:
+                before = flatten(self.free)
+                for p, g in zip(self.free, free_grads):
+                    p.grad = g
+        if self.free:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            with torch.no_grad():  # no host sync: undo a non-finite step on the device
+                copy_into_(torch.where(self.active, flatten(self.free), before), self.free)
+        with torch.no_grad():
             took = self.active.long()
             self.last_grad = torch.where(self.active, grad_norm, self.last_grad)
             self.loss_sum += torch.where(self.active, loss.double(), 0.0)
@@ -257,7 +325,16 @@ class SphereSGD:
                 "batch_loss_mean": loss_sum / steps if steps else nan, "diverged": bool(diverged)}
 
 
-def run_epoch(optimizer: SphereSGD, data: DeviceImages, order: torch.Tensor, augment: Augment | None = None,
+class SphereSGD(SplitOptimizer):
+    """Steps a fully SI model on the sphere (the SI setting: nothing else may be trainable)."""
+
+    def __init__(self, model: nn.Module, effective_lr: float, rho: float, rule: str = "projected",
+                 bf16: bool = False):
+        super().__init__(model, effective_lr, rho, rule, bf16)
+
+
+def run_epoch(optimizer: SplitOptimizer, data: DeviceImages, order: torch.Tensor,
+              augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
               aug_gen: torch.Generator | None = None, channels_last: bool = False) -> None:
     """One step per row of `order` [steps, B]: gather, augment, normalize on the device, then step."""
     for batch in order:
@@ -267,10 +344,14 @@ def run_epoch(optimizer: SphereSGD, data: DeviceImages, order: torch.Tensor, aug
         optimizer.step(prepare_input(xb, data.normalization, channels_last), data.train_y[batch])
 
 
-def train_image_model(model: nn.Module, data: DeviceImages, task: ImageTask, augment: Augment | None = None,
+def train_image_model(model: nn.Module, data: DeviceImages, task: ImageTask,
+                      augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
                       bf16: bool = False, channels_last: bool = False, checkpoint_device: str | torch.device | None = None,
                       progress: Callable[[int], None] | None = None) -> ImageTrainResult:
     """Train `model` (already on the data's device, SI group at norm rho) for task.epochs epochs.
+
+    The SI group steps on the sphere at task.effective_lr; other trainable parameters need
+    task.optimizer (see `SplitOptimizer`).
 
     metrics rows (one per logged epoch, `step` = epoch): train loss/accuracy and gradient norms
     are running means over the epochs since the previous log (train mode, as the weights move);
@@ -279,14 +360,27 @@ def train_image_model(model: nn.Module, data: DeviceImages, task: ImageTask, aug
     of the log rows say diverged with NaN metrics.
     """
     device = data.train_x.device
+    # Dropout draws from the global RNG: seed it per task without disturbing the caller's state.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(derive_seed("dropout", *task.order_stream))
+        return _train(model, data, task, augment, bf16, channels_last, checkpoint_device, progress)
+
+
+def _train(model: nn.Module, data: DeviceImages, task: ImageTask,
+           augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None, bf16: bool,
+           channels_last: bool, checkpoint_device: str | torch.device | None,
+           progress: Callable[[int], None] | None) -> ImageTrainResult:
+    """The body of `train_image_model`."""
+    device = data.train_x.device
     progress = progress or (lambda n: None)
-    optimizer = SphereSGD(model, task.effective_lr, task.rho, task.rule, bf16)
-    params, buffers = optimizer.params, bn_buffers(model)
     n_train = len(data.train_x)
     per_epoch = n_train // task.batch_size
     if per_epoch < 1:
         raise ConfigError(f"batch_size={task.batch_size} exceeds the {n_train} training images; "
                           "lower pretrain.batch_size or use more images")
+    optimizer = SplitOptimizer(model, task.effective_lr, task.rho, task.rule, bf16, task.optimizer,
+                               task.schedule, task.epochs * per_epoch)
+    params, buffers = optimizer.params + optimizer.free, bn_buffers(model)
     aug_gen = generator(*task.augment_stream, device=device) if augment is not None else None
     log_epochs, ckpt_epochs = task.log_epochs(), task.checkpoint_epochs()
     kept = ckpt_epochs[len(ckpt_epochs) - task.keep_checkpoints:] if task.keep_checkpoints else []
@@ -346,4 +440,23 @@ def load_si_(model: nn.Module, theta: torch.Tensor, rho: float | None = None) ->
     params = si_parameters(model)
     theta = theta.to(params[0].device, params[0].dtype)
     unflatten_into_(project(theta, rho) if rho is not None else theta, params)
+    return model
+
+
+def load_tracked_(model: nn.Module, vector: torch.Tensor, rho: float | None = None) -> nn.Module:
+    """Put a flat tracked vector (SI group, then the other trainable parameters) into the model.
+
+    The SI part is rescaled to norm rho when given (and the SI group is not empty); the other
+    parameters are loaded as they are.
+    """
+    si, free = si_parameters(model), free_parameters(model)
+    n_si = sum(p.numel() for p in si)
+    if vector.shape[-1] != n_si + sum(p.numel() for p in free):
+        raise ConfigError(f"a weight vector of length {vector.shape[-1]} does not fit {type(model).__name__} "
+                          f"({n_si} SI + {sum(p.numel() for p in free)} other trainable values); "
+                          "load weights saved from the same model and config")
+    if si:
+        load_si_(model, vector[:n_si], rho if rho else None)
+    if free:
+        copy_into_(vector[n_si:].to(free[0].device, free[0].dtype), free)
     return model
