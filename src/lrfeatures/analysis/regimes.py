@@ -10,8 +10,8 @@ Per pre-training run (one PLR, one (data_seed, train_seed)), over its logged ste
   grad_ratio    = mean grad norm over the tail / over the head (grad_norm_mean, falling back
                   to grad_norm where it is missing);
   descent_ratio = tail_train_loss / mean train loss over mid.
-Post-training quality: the test accuracy of every fine-tuned model with FLR < PLR (when
-`finetune_below_plr_only`; FLR >= PLR is not fine-tuning) and of the SWA models with K in
+Post-training quality: the test accuracy of every fine-tuned model with FLR <= flr_ratio x PLR
+(when `finetune_below_plr_only`; an FLR at or near the PLR keeps bouncing and is not fine-tuning) and of the SWA models with K in
 `swa_ks` (None: the K nearest 5, as in the paper's geometry: a 2-checkpoint average is
 still the bouncing pre-trained model, and a very long average at a large PLR mixes far-apart
 points of the trajectory). A diverged model counts as chance. Each such model is a "variant".
@@ -76,7 +76,8 @@ class RegimeCriteria:
     post_chance_margin: float | None = 0.02    # 3: best fine-tuned/SWA test acc <= chance + this
     spread_tolerance: float = 0.03             # 2A: max - min test acc over variants
     best_tolerance: float = 0.02               # 2A: best variant within this of the global best
-    finetune_below_plr_only: bool = True       # variants: only FLR < PLR
+    finetune_below_plr_only: bool = True       # variants: only FLR <= flr_ratio x PLR
+    flr_ratio: float = 0.5                     # an FLR close to the PLR still bounces: not fine-tuning
     swa_ks: tuple[int, ...] | None = None      # variants: SWA K values (None: nearest 5; (): none)
     aggregate: str = "median"                  # "median" or "mean" over seeds
 
@@ -86,6 +87,8 @@ class RegimeCriteria:
         for name in ("tail_fraction", "head_fraction"):
             if not 0 < getattr(self, name) <= 0.5:
                 raise ConfigError(f"{name}={getattr(self, name)} must lie in (0, 0.5]; e.g. 0.1")
+        if not self.flr_ratio > 0:
+            raise ConfigError(f"flr_ratio={self.flr_ratio} must be > 0; e.g. 0.5 (FLR at most half the PLR)")
         if self.aggregate not in ("median", "mean"):
             raise ConfigError(f"aggregate={self.aggregate!r} is unknown; use 'median' or 'mean'")
         for name in ("loss_threshold", "grad_collapse_ratio", "descent_ratio", "chance_margin",
@@ -189,7 +192,7 @@ def variant_accuracies(evaluations: pd.DataFrame | None, criteria: RegimeCriteri
     _require(evaluations, ["stage", *RUN_KEYS, "flr", "swa_k", "test_acc"], "evaluations")
     finetune = evaluations[evaluations["stage"] == "finetune"]
     if criteria.finetune_below_plr_only:
-        finetune = finetune[finetune["flr"] < finetune["plr"]]
+        finetune = finetune[finetune["flr"] <= criteria.flr_ratio * finetune["plr"]]
     swa = evaluations[evaluations["stage"] == "swa"]
     if criteria.swa_ks is None:
         if len(swa):
