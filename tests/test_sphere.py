@@ -260,3 +260,12 @@ def test_flatten_unflatten_round_trip():
     unflatten_into_(replacement, params)
     assert torch.equal(flatten(params).detach(), replacement)
     assert torch.equal(params[0].detach().reshape(-1), replacement[:params[0].numel()])
+
+
+def test_unflatten_handles_zero_dim_parameters():
+    """0-d parameters (e.g. the ViT's attention temperature) round-trip like any other."""
+    params = [torch.nn.Parameter(torch.tensor(1.5)), torch.nn.Parameter(torch.zeros(2, 3))]
+    replacement = torch.arange(7, dtype=torch.float32)
+    unflatten_into_(replacement, params)
+    assert params[0].shape == () and params[0].item() == 0.0
+    assert torch.equal(flatten(params).detach(), replacement)

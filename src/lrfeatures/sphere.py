@@ -24,7 +24,7 @@ def split(vector: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
     """Cut flat vectors [*batch, P] into contiguous parts of the given (unbatched) shapes."""
     batch = vector.shape[:-1]
     sizes = [s.numel() for s in shapes]
-    return [chunk.reshape(*batch, *shape) for chunk, shape in zip(vector.split(sizes, dim=-1), shapes)]
+    return [chunk.reshape(tuple(batch) + tuple(shape)) for chunk, shape in zip(vector.split(sizes, dim=-1), shapes)]
 
 
 def unflatten_into_(vector: torch.Tensor, params: list[nn.Parameter]) -> None:

@@ -206,13 +206,6 @@ def recompute_bn(model: nn.Module, x_uint8: torch.Tensor, batch_size: int,
     return model
 
 
-def copy_into_(vector: torch.Tensor, params: list[nn.Parameter]) -> None:
-    """Copy a flat vector into parameters of any shape, 0-d ones included (the ViT's temperature)."""
-    with torch.no_grad():
-        for p, part in zip(params, vector.split([p.numel() for p in params])):
-            p.copy_(part.view_as(p))
-
-
 def free_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Trainable parameters outside the SI group, in module order (the practical setting's group)."""
     si = {id(p) for p in si_parameters(model)}
@@ -302,7 +295,7 @@ class SplitOptimizer:
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             with torch.no_grad():  # no host sync: undo a non-finite step on the device
-                copy_into_(torch.where(self.active, flatten(self.free), before), self.free)
+                unflatten_into_(torch.where(self.active, flatten(self.free), before), self.free)
         with torch.no_grad():
             took = self.active.long()
             self.last_grad = torch.where(self.active, grad_norm, self.last_grad)
@@ -458,5 +451,5 @@ def load_tracked_(model: nn.Module, vector: torch.Tensor, rho: float | None = No
     if si:
         load_si_(model, vector[:n_si], rho if rho else None)
     if free:
-        copy_into_(vector[n_si:].to(free[0].device, free[0].dtype), free)
+        unflatten_into_(vector[n_si:].to(free[0].device, free[0].dtype), free)
     return model
