@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,3 +86,23 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def write_colour_folder(root, classes: list[str], seed: int, n_per_class: int = 20, size: int = 16):
+    """A flat <class>/<image>.png folder; each class has its own mean colour plus noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        colour = np.array([60 * c, 255 - 60 * c, 40 + 50 * (c % 2)])
+        for i in range(n_per_class):
+            pixels = np.clip(colour + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def colour_folder():
+    """The folder writer, for tests that need a tiny image data set."""
+    return write_colour_folder

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
 from torch import nn
 
 from lrfeatures import cli
@@ -32,22 +31,10 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 CLASSES = ["ant", "bee", "cat", "dog"]
 
 
-def write_folder(root: Path, n_per_class: int = 20, size: int = 16) -> Path:
-    """A flat <class>/<image>.png folder; each class has its own mean colour plus noise."""
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True)
-        colour = np.array([60 * c, 255 - 60 * c, 40 + 50 * (c % 2)])
-        for i in range(n_per_class):
-            pixels = np.clip(colour + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i:03d}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
+def folder(tmp_path_factory, colour_folder) -> Path:
     """4 classes x 20 images of 16x16 (the flat layout: 20% of each class becomes the test set)."""
-    return write_folder(tmp_path_factory.mktemp("images") / "set")
+    return colour_folder(tmp_path_factory.mktemp("images") / "set", CLASSES, seed=0)
 
 
 def tiny_images(folder: Path, **sections) -> dict:

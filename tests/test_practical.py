@@ -6,13 +6,11 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
 from torch import nn
 
 from lrfeatures.config import ModelConfig, load_config
@@ -30,22 +28,10 @@ CLASSES = ["ant", "bee", "cat"]
 TINY_VIT = {"heads": 2, "dim_head": 8, "mlp_dim": 32, "patch": 4, "dropout": 0.0, "emb_dropout": 0.0}
 
 
-def write_folder(root: Path, n_per_class: int = 20, size: int = 16) -> Path:
-    """A flat <class>/<image>.png folder; each class has its own mean colour plus noise."""
-    rng = np.random.default_rng(1)
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True)
-        colour = np.array([80 * c, 255 - 80 * c, 60 + 60 * (c % 2)])
-        for i in range(n_per_class):
-            pixels = np.clip(colour + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i:03d}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
+def folder(tmp_path_factory, colour_folder) -> Path:
     """3 classes x 20 images of 16x16 (16 train + 4 test per class)."""
-    return write_folder(tmp_path_factory.mktemp("practical") / "set")
+    return colour_folder(tmp_path_factory.mktemp("practical") / "set", CLASSES, seed=1)
 
 
 def practical(folder: Path, **sections) -> dict:
