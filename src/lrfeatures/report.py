@@ -364,24 +364,30 @@ def _stage(exp: Experiment, stage: str) -> pd.DataFrame:
     return exp.evaluations[exp.evaluations["stage"] == stage]
 
 
-def plot_test_acc_finetune(exp: Experiment, path: str | Path) -> Path:
-    """Test accuracy vs PLR after fine-tuning, one line per FLR, with pre-training as reference."""
-    finetune = _stage(exp, "finetune")
-    if finetune.empty:
-        raise DataError("evaluations hold no fine-tuned models; run fine-tuning to draw this figure")
+def plot_accuracy_lines(exp: Experiment, path: str | Path, lines: list[tuple[str, pd.DataFrame]], cmap: str,
+                        heading: str) -> Path:
+    """Test accuracy vs PLR, one mean ± std line per group of models, with pre-training as reference."""
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    flrs = sorted(finetune["flr"].dropna().unique())
-    for flr, color in zip(flrs, sequential_colors("viridis", len(flrs))):
-        stats = over_seeds(finetune[np.isclose(finetune["flr"], flr)], ["plr"], "test_acc")
-        plot_mean_std(ax, stats, color=color, linewidth=1.3, label=f"FLR {flr:.3g}")
+    for (label, rows), color in zip(lines, sequential_colors(cmap, len(lines))):
+        plot_mean_std(ax, over_seeds(rows, ["plr"], "test_acc"), color=color, linewidth=1.3, label=label)
     plot_mean_std(ax, over_seeds(_stage(exp, "pretrain"), ["plr"], "test_acc"), color="k",
                   linewidth=2.2, label="pre-training")
     plr_axis(ax, exp)
     ax.set_ylabel("test accuracy")
     draw_regimes(ax, exp.regimes)
-    title(ax, "Test accuracy after fine-tuning (mean ± std over seeds)")
+    title(ax, heading)
     legend_outside(ax)
     return save(fig, path)
+
+
+def plot_test_acc_finetune(exp: Experiment, path: str | Path) -> Path:
+    """Test accuracy vs PLR after fine-tuning, one line per FLR, with pre-training as reference."""
+    finetune = _stage(exp, "finetune")
+    if finetune.empty:
+        raise DataError("evaluations hold no fine-tuned models; run fine-tuning to draw this figure")
+    lines = [(f"FLR {flr:.3g}", finetune[np.isclose(finetune["flr"], flr)])
+             for flr in sorted(finetune["flr"].dropna().unique())]
+    return plot_accuracy_lines(exp, path, lines, "viridis", "Test accuracy after fine-tuning (mean ± std over seeds)")
 
 
 def plot_swa_acc(exp: Experiment, path: str | Path) -> Path:
@@ -389,19 +395,9 @@ def plot_swa_acc(exp: Experiment, path: str | Path) -> Path:
     swa = _stage(exp, "swa")
     if swa.empty:
         raise DataError("evaluations hold no SWA models; set swa.ks and run SWA to draw this figure")
-    fig, ax = plt.subplots(figsize=(8, 4.8))
-    ks = sorted(int(k) for k in swa["swa_k"].unique())
-    for k, color in zip(ks, sequential_colors("plasma", len(ks))):
-        plot_mean_std(ax, over_seeds(swa[swa["swa_k"] == k], ["plr"], "test_acc"), color=color,
-                      linewidth=1.3, label=f"SWA, K={k}")
-    plot_mean_std(ax, over_seeds(_stage(exp, "pretrain"), ["plr"], "test_acc"), color="k",
-                  linewidth=2.2, label="pre-training")
-    plr_axis(ax, exp)
-    ax.set_ylabel("test accuracy")
-    draw_regimes(ax, exp.regimes)
-    title(ax, "Test accuracy of SWA over the last K checkpoints (mean ± std over seeds)")
-    legend_outside(ax)
-    return save(fig, path)
+    lines = [(f"SWA, K={k}", swa[swa["swa_k"] == k]) for k in sorted(int(k) for k in swa["swa_k"].unique())]
+    return plot_accuracy_lines(exp, path, lines, "plasma",
+                               "Test accuracy of SWA over the last K checkpoints (mean ± std over seeds)")
 
 
 def plot_features(exp: Experiment, path: str | Path) -> Path:
