@@ -46,7 +46,7 @@ from torch import nn
 
 from .analysis.geometry import angular_distance, linear_barrier
 from .analysis.probes import GEOMETRY_PAIRS, geometry_swa_k
-from .analysis.summary import build_summary
+from .analysis.summary import write_summary
 from .config import (ModelConfig, SeedsConfig, SphereConfig, SWAConfig, check_lrs, check_positive, get_field,
                      load_config, preset_names, read_toml, register_config_kind)
 from .data.augment import Augment
@@ -65,8 +65,6 @@ from .store import ExperimentStore, ShardWriter, write_json
 
 # Image models and whether they have an SI group (trained on the sphere).
 IMAGE_MODELS = {"convnet-si": True, "resnet18-si": True, "vit-si": True, "resnet18": False, "vit": False}
-NO_REGIME_REASON = ("training regimes are defined for an SI group trained on the sphere at a fixed effective "
-                    "LR (SPEC §1-2); this model has no SI group, so no regime is assigned")
 TABLES = ("metrics", "evaluations", "geometry")
 
 
@@ -693,20 +691,4 @@ class ImageExperiment:
             self.runner.info()  # the summary's chance level needs the number of classes
         for name in TABLES:
             self.store.merge_table(name)
-        return write_image_summary(self.store)
-
-
-def write_image_summary(store: ExperimentStore) -> dict:
-    """summary.json of an image experiment; regime = null for a model without SI group.
-
-    The regime rules assume an SI group at a fixed effective LR on the sphere. For resnet18/vit
-    each per-PLR regime is null and "regimes" is {"defined": false, "reason": ...}, so figures
-    draw no boundaries (analysis.regimes.detect_regimes still runs on the tables if wanted).
-    """
-    summary = build_summary(store)
-    if not store.config().has_si_group:
-        for entry in summary["per_plr"]:
-            entry["regime"] = None
-        summary["regimes"] = {"defined": False, "reason": NO_REGIME_REASON}
-    write_json(store.root / "summary.json", summary)
-    return summary
+        return write_summary(self.store)

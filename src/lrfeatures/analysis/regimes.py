@@ -60,6 +60,8 @@ from lrfeatures.errors import ConfigError, DataError
 
 RUN_KEYS = ["plr", "data_seed", "train_seed"]
 BOUNDARY_NAMES = ("1/2", "2A/2B", "2/3")
+NO_REGIME_REASON = ("training regimes are defined for an SI group trained on the sphere at a fixed effective "
+                    "LR (SPEC §1-2); this model has no SI group, so no regime is assigned")
 
 
 @dataclass(frozen=True)

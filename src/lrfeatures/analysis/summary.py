@@ -17,7 +17,7 @@ from .. import __version__
 from ..config import to_dict
 from ..store import ExperimentStore, write_json
 from .features import SUMMARY_TOL, feature_table_summary, noise_floor
-from .regimes import RegimeCriteria, detect_regimes
+from .regimes import NO_REGIME_REASON, RegimeCriteria, detect_regimes
 
 
 def mean_std(values: pd.Series) -> dict[str, float | None]:
@@ -75,8 +75,11 @@ def build_summary(store: ExperimentStore) -> dict[str, Any]:
     info = dataset_info(store, cfg)
     # Chance is 0.5 for the binary synthetic task, 1/classes for images.
     criteria = RegimeCriteria(chance=1.0 / info["num_classes"]) if info else RegimeCriteria()
-    regimes = detect_regimes(metrics[metrics["stage"] == "pretrain"], evaluations, criteria)
-    regime_of = dict(zip(regimes.per_plr["plr"], regimes.per_plr["regime"]))
+    if getattr(cfg, "has_si_group", True):
+        report = detect_regimes(metrics[metrics["stage"] == "pretrain"], evaluations, criteria)
+        regimes, regime_of = report.to_json(), dict(zip(report.per_plr["plr"], report.per_plr["regime"]))
+    else:  # regimes exist only on the sphere: a model without an SI group gets none
+        regimes, regime_of = {"defined": False, "reason": NO_REGIME_REASON}, {}
 
     def stats_for(stage: str, plr: float, flr: float = math.nan, k: int = 0):
         if feature_stats is None:
@@ -104,7 +107,7 @@ def build_summary(store: ExperimentStore) -> dict[str, Any]:
         per_plr.append(entry)
     summary = {"version": __version__, "name": cfg.name, "config": to_dict(cfg),
                "plrs": list(cfg.pretrain.lrs), "flrs": list(cfg.finetune.lrs), "swa_ks": list(cfg.swa.ks),
-               "regimes": regimes.to_json(), "per_plr": per_plr}
+               "regimes": regimes, "per_plr": per_plr}
     if info:
         summary["dataset"] = info
         summary["chance"] = criteria.chance
