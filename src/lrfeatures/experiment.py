@@ -18,7 +18,7 @@ from .analysis.summary import write_summary
 from .config import SyntheticConfig
 from .data.synthetic import get_shape
 from .models import build_model
-from .protocol import Shard, SyntheticRunner, model_keys, resolve_device, seed_chunks
+from .protocol import Shard, SyntheticRunner, resolve_device, seed_chunks
 from .store import ExperimentStore
 
 DEPENDS_ON = {"pretrain": (), "finetune": ("pretrain",), "swa": ("pretrain",),
@@ -83,15 +83,15 @@ class SyntheticExperiment:
                   for keys, weights, frozen in solutions]
         writer.table("features", pd.concat(tables, ignore_index=True))
         if cfg.finetune.lrs:
-            keys, finetuned, _ = solutions[-1]
-            by_flr = finetuned.view(-1, len(cfg.finetune.lrs), finetuned.shape[1])
-            low = by_flr[:, cfg.finetune.lrs.index(min(cfg.finetune.lrs))]
-            high = by_flr[:, cfg.finetune.lrs.index(max(cfg.finetune.lrs))]
+            # solutions: pretrain, then SWA per K in cfg.swa.ks order, then finetune (see SyntheticRunner).
+            pretrain_keys, _, frozen = solutions[0]
+            finetuned = solutions[-1][1].view(len(pretrain_keys), len(cfg.finetune.lrs), -1)
+            low = finetuned[:, cfg.finetune.lrs.index(min(cfg.finetune.lrs))]
+            high = finetuned[:, cfg.finetune.lrs.index(max(cfg.finetune.lrs))]
             k = geometry_swa_k(cfg.swa.ks)
-            swa = next(w for keys_, w, _ in solutions if keys_["swa_k"].iloc[0] == k and keys_["stage"].iloc[0] == "swa")
-            frozen = solutions[0][2]
-            model_rows = model_keys("pretrain", shard, cfg.pretrain.lrs)[["data_seed", "train_seed", "plr"]]
-            table = geometry_table(runner.evaluate, model_rows.assign(swa_k=k), low, high, swa, frozen,
+            swa = solutions[1 + cfg.swa.ks.index(k)][1]
+            model_rows = pretrain_keys[["data_seed", "train_seed", "plr"]].assign(swa_k=k)
+            table = geometry_table(runner.evaluate, model_rows, low, high, swa, frozen,
                                    {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)})
             writer.table("geometry", table)
 
