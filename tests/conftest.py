@@ -106,3 +106,28 @@ def write_colour_folder(root, classes: list[str], seed: int, n_per_class: int = 
 def colour_folder():
     """The folder writer, for tests that need a tiny image data set."""
     return write_colour_folder
+
+
+class NaNAfter(torch.nn.Module):
+    """Wraps an SI net; its output becomes NaN from the `after`-th training forward on."""
+
+    def __init__(self, net: torch.nn.Module, after: int):
+        super().__init__()
+        self.net, self.after, self.calls = net, after, 0
+
+    def si_parameters(self):
+        """The wrapped net's SI group."""
+        return self.net.si_parameters()
+
+    def forward(self, x):
+        """Logits, NaN once `after` training calls happened."""
+        if self.training:
+            self.calls += 1
+        out = self.net(x)
+        return out * float("nan") if self.training and self.calls > self.after else out
+
+
+@pytest.fixture(scope="session")
+def nan_after():
+    """The NaN-injecting wrapper class, for divergence tests."""
+    return NaNAfter

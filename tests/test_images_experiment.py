@@ -105,30 +105,11 @@ def test_train_image_model_logs_epochs_and_keeps_norm(folder):
     assert 0 <= result.final["train_acc"] <= 1
 
 
-class NaNAfter(nn.Module):
-    """An SI net whose output becomes NaN from the `after`-th training forward on."""
-
-    def __init__(self, net: nn.Module, after: int):
-        super().__init__()
-        self.net, self.after, self.calls = net, after, 0
-
-    def si_parameters(self):
-        """The wrapped net's SI group."""
-        return self.net.si_parameters()
-
-    def forward(self, x):
-        """Logits, NaN once `after` training calls happened."""
-        if self.training:
-            self.calls += 1
-        out = self.net(x)
-        return out * math.nan if self.training and self.calls > self.after else out
-
-
-def test_divergence_is_recorded_and_freezes_the_model(folder):
+def test_divergence_is_recorded_and_freezes_the_model(folder, nan_after):
     from lrfeatures.data.images import load_image_dataset
 
     data = DeviceImages.from_dataset(load_image_dataset(f"folder:{folder}"), "cpu")
-    model = NaNAfter(SIConvNet(3, 16, width=2, depth=2, num_outputs=4), after=5)
+    model = nan_after(SIConvNet(3, 16, width=2, depth=2, num_outputs=4), after=5)
     task = ImageTask(0.01, 4, 16, 1.0, ("order", 0), keep_checkpoints=4)
     result = train_image_model(model, data, task)  # 4 steps per epoch: diverges in epoch 2
     assert result.diverged

@@ -122,27 +122,9 @@ def test_schedule_steps_once_per_optimizer_step():
     assert optimizer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
 
 
-class NaNAfter(nn.Module):
-    """A regular net whose training output becomes NaN from the `after`-th call on."""
-
-    def __init__(self, net: nn.Module, after: int):
-        super().__init__()
-        self.net, self.after, self.calls = net, after, 0
-
-    def si_parameters(self):
-        """The wrapped net's SI group."""
-        return self.net.si_parameters()
-
-    def forward(self, x):
-        """Logits, NaN once `after` training calls happened."""
-        self.calls += 1
-        out = self.net(x)
-        return out * math.nan if self.calls > self.after else out
-
-
-def test_a_non_finite_step_freezes_the_non_si_parameters():
+def test_a_non_finite_step_freezes_the_non_si_parameters(nan_after):
     cfg = ImageConfig(model=ModelConfig(name="resnet18", width=2))
-    model = NaNAfter(build_image_model(cfg, (3, 8, 8), 3, 0), after=2)
+    model = nan_after(build_image_model(cfg, (3, 8, 8), 3, 0), after=2)
     optimizer = SplitOptimizer(model, 0.1, 0.0, free=OptimizerConfig("sgd", lr=0.1, momentum=0.9))
     for step in range(2):
         optimizer.step(*batch(step))
