@@ -16,10 +16,11 @@ SMALL = dict(dim=32, depth=2, heads=2, dim_head=8, mlp_dim=48)
 def small_vit(scale_invariant: bool, seed: int = 0) -> ViT:
     """A tiny float64 model in eval mode, for exact-ish property checks.
 
-    The LayerNorm eps is the only thing that breaks exact invariance, so it is tiny here.
+    The SI LayerNorms' eps is the only thing that breaks exact invariance (even 1e-12 shows at
+    ~1e-8 relative when weights shrink 16x), so it is 0 here: invariance is then exact up to rounding.
     """
     torch.manual_seed(seed)
-    return ViT((32, 32), 3, 10, scale_invariant=scale_invariant, norm_eps=1e-12,
+    return ViT((32, 32), 3, 10, scale_invariant=scale_invariant, norm_eps=0.0,
                **SMALL).double().eval()
 
 
