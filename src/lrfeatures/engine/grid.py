@@ -19,6 +19,7 @@ from ..data.batches import batch_indices
 from ..sphere import flatten, joint_norm, sphere_step_, split
 from .common import LOG_FIELDS, GridResult, GridTask, loss_and_correct
 from .kernels import kernel_for
+from .native import NativeMLP
 
 STEPS_PER_BLOCK = 512  # batch indices are drawn this many steps at a time
 
@@ -117,8 +118,11 @@ class GridTrainer:
     """Trains a GridTask chunk by chunk; the model template fixes the architecture."""
 
     def __init__(self, make_model: Callable[[], nn.Module], memory_budget_gb: float = 4.0,
-                 progress: Callable[[int], None] | None = None, compile: bool = False, kernel=None):
+                 progress: Callable[[int], None] | None = None, compile: bool = False, kernel=None,
+                 native: bool = True):
         self.template = make_model()
+        # The compiled C kernel (native.py) trains SI MLPs on CPU; other models and devices use torch.
+        self.native = native and kernel is None
         self.kernel = kernel or kernel_for(self.template)
         self.budget = memory_budget_gb * 2**30
         self.progress = progress or (lambda steps: None)
@@ -155,10 +159,13 @@ class GridTrainer:
                                                    eval_chunk_size(len(idx), acts)) for idx in chunks])
 
     def train_chunk(self, task: GridTask, x_train, y_train, x_test, y_test, eval_chunk: int) -> GridResult:
-        """Train one chunk in lockstep."""
+        """Train one chunk in lockstep, in segments between log and checkpoint steps."""
         device, num_models, kernel = x_train.device, task.num_models, self.kernel
-        parts = [p.contiguous() for p in split(task.init.to(device, copy=True), kernel.shapes)]
-        dtype = parts[0].dtype
+        theta = task.init.to(device, copy=True).contiguous()
+        dtype = theta.dtype
+        native = NativeMLP.create(self.template, device, dtype) if self.native else None
+        # The torch kernels want contiguous parts; the compiled one works on theta itself.
+        parts = split(theta, kernel.shapes) if native else [p.contiguous() for p in split(theta, kernel.shapes)]
         frozen = kernel.stack_frozen({k: v.to(device) for k, v in task.frozen.items()})
         lrs = task.effective_lrs.to(device, dtype)
         floats = dict(device=device, dtype=dtype)
@@ -168,42 +175,56 @@ class GridTrainer:
         log_steps, ckpt_steps = task.log_steps(), task.checkpoint_steps()
         logs = {k: torch.full((len(log_steps), num_models), math.nan, **floats) for k in LOG_FIELDS}
         checkpoints = torch.empty(len(ckpt_steps), num_models, task.init.shape[1], **floats)
-        active = torch.isfinite(task.init).all(1).to(device)  # a diverged start (e.g. fine-tuning) stays so
-        grad_norm = torch.full((num_models,), math.nan, **floats)
-        grad_sum = torch.zeros(num_models, **floats)
-        loss_sum = torch.zeros(num_models, **floats)
-        steps_since_log = torch.zeros(num_models, **floats)
+        sums = dict(active=torch.isfinite(task.init).all(1).to(device),  # a diverged start (fine-tuning) stays so
+                    grad_norm=torch.full((num_models,), math.nan, **floats), grad_sum=torch.zeros(num_models, **floats),
+                    loss_sum=torch.zeros(num_models, **floats), count=torch.zeros(num_models, **floats))
+
+        def evaluate(x, y):
+            if native is None:
+                return evaluate_grid(self.sums, parts, frozen, x, y, eval_chunk)
+            loss, correct = loss_and_correct(native.logits(theta, frozen, x), y)
+            return loss.mean(1), correct.to(dtype).mean(1)
 
         def log(row: int) -> None:
-            train_loss, train_acc = evaluate_grid(self.sums, parts, frozen, x_train, y_train, eval_chunk)
-            test_loss, test_acc = evaluate_grid(self.sums, parts, frozen, x_test, y_test, eval_chunk)
+            train_loss, train_acc = evaluate(x_train, y_train)
+            test_loss, test_acc = evaluate(x_test, y_test)
             values = dict(train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc,
-                          grad_norm=grad_norm, grad_norm_mean=grad_sum / steps_since_log,
-                          batch_loss_mean=loss_sum / steps_since_log, diverged=(~active).to(dtype))
+                          grad_norm=sums["grad_norm"], grad_norm_mean=sums["grad_sum"] / sums["count"],
+                          batch_loss_mean=sums["loss_sum"] / sums["count"], diverged=(~sums["active"]).to(dtype))
             for key, value in values.items():
                 logs[key][row] = value
-            for accumulator in (grad_sum, loss_sum, steps_since_log):
-                accumulator.zero_()
+            for key in ("grad_sum", "loss_sum", "count"):
+                sums[key].zero_()
+
+        def advance(order: torch.Tensor) -> None:
+            """Every model through order's steps ([streams, steps, B])."""
+            if native is not None:
+                native.train(theta, frozen, lrs, task.rho, task.rule, x_train, y_train, order,
+                             local_stream, sums)
+                return
+            for j in range(order.shape[1]):
+                batch = order[0, j] if shared else order[:, j][local_stream]
+                loss, sums["grad_norm"], sums["active"] = self.step(
+                    parts, frozen, lrs, x_train[batch], y_train[batch], shared, sums["active"], sums["grad_norm"],
+                    task.rho, task.rule)
+                sums["grad_sum"] += torch.where(sums["active"], sums["grad_norm"], 0.0)
+                sums["loss_sum"] += torch.where(sums["active"], loss, 0.0)
+                sums["count"] += sums["active"]
 
         log(0)
-        row = 1
+        events = sorted(set(log_steps[1:]) | set(ckpt_steps))
         for start in range(0, task.iterations, STEPS_PER_BLOCK):
             count = min(STEPS_PER_BLOCK, task.iterations - start)
             order = torch.stack([batch_indices(len(x_train), task.batch_size, task.streams[int(s)], start, count)
                                  for s in used]).to(device)  # [streams, count, B]
-            for j in range(count):
-                step = start + j + 1
-                batch = order[0, j] if shared else order[:, j][local_stream]
-                loss, grad_norm, active = self.step(parts, frozen, lrs, x_train[batch], y_train[batch], shared,
-                                                    active, grad_norm, task.rho, task.rule)
-                grad_sum += torch.where(active, grad_norm, 0.0)
-                loss_sum += torch.where(active, loss, 0.0)
-                steps_since_log += active
-                if step in ckpt_steps:
-                    checkpoints[ckpt_steps.index(step)] = flatten(parts, 1)
-                if row < len(log_steps) and step == log_steps[row]:
-                    log(row)
-                    row += 1
+            done = start
+            for stop in [e for e in events if start < e < start + count] + [start + count]:
+                advance(order[:, done - start:stop - start])
+                done = stop
+                if stop in ckpt_steps:
+                    checkpoints[ckpt_steps.index(stop)] = flatten(parts, 1)
+                if stop in log_steps:
+                    log(log_steps.index(stop))
             self.progress(count * num_models)
         return GridResult(flatten(parts, 1).cpu(), checkpoints.cpu(), ckpt_steps, log_steps,
                           {k: v.cpu() for k, v in logs.items()})

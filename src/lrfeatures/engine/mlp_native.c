@@ -1,0 +1,437 @@
+/* The SI MLP of SPEC §3, trained on the sphere, one model at a time with everything in cache.
+ *
+ * Compiled at first use by native.py, once per precision (-DREAL=float or double), for the
+ * machine it runs on (-march=native). Python threads call it on disjoint ranges of models.
+ *
+ * Why C: a grid step is thousands of 16x32x32 matrix products; as batched library calls
+ * each one streams its model's weights through memory and pays a call's overhead. Here a
+ * model runs a whole segment of steps while its weights (8 KB), gradients and activations
+ * stay in L1, and every product is a register-blocked loop the compiler vectorizes.
+ *
+ * Layout: activations are feature-major, one vector of LANES samples per feature
+ * (a[f][v], v = sample vector), so LayerNorm statistics, the loss and the element-wise
+ * work are vertical vector ops. Weight gradients contract over samples, so they use a
+ * sample-major copy of each layer input (x rows as stored; hidden activations transposed).
+ * Weights are [out][in] row-major, as torch stores them.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <tgmath.h> /* sqrt, exp, ... in the precision of REAL */
+
+#ifndef REAL
+#define REAL float
+#endif
+#define LANES 16
+typedef REAL vec __attribute__((vector_size(LANES * sizeof(REAL))));
+typedef __typeof__((vec){0} < (vec){0}) mask; /* lane-wise comparison results */
+#define ALIGN 128
+
+typedef struct {
+    int64_t depth, in_dim, width, nv; /* nv: sample vectors per pass */
+} Shape;
+
+static int64_t num_weights(const Shape *s) { return s->width * s->in_dim + (s->depth - 1) * s->width * s->width; }
+
+static int64_t layer_offset(const Shape *s, int64_t layer) {
+    return layer == 0 ? 0 : s->width * s->in_dim + (layer - 1) * s->width * s->width;
+}
+
+/* out[o][v] = sum_i w[o][i] in[i][v], eight output rows at a time (eight FMA chains). */
+static void layer_forward(const REAL *restrict w, int64_t rows, int64_t cols, const vec *restrict in,
+                          vec *restrict out, int64_t nv) {
+    for (int64_t v = 0; v < nv; v++) {
+        int64_t o = 0;
+        for (; o + 8 <= rows; o += 8) {
+            vec acc[8] = {0};
+            for (int64_t i = 0; i < cols; i++) {
+                vec x = in[i * nv + v];
+#pragma GCC unroll 8
+                for (int r = 0; r < 8; r++) acc[r] += w[(o + r) * cols + i] * x;
+            }
+#pragma GCC unroll 8
+            for (int r = 0; r < 8; r++) out[(o + r) * nv + v] = acc[r];
+        }
+        for (; o < rows; o++) {
+            vec acc = {0};
+            for (int64_t i = 0; i < cols; i++) acc += w[o * cols + i] * in[i * nv + v];
+            out[o * nv + v] = acc;
+        }
+    }
+}
+
+/* din[i][v] = sum_o w[o][i] d[o][v] (the gradient w.r.t. the layer input), eight inputs at a time. */
+static void layer_input_grad(const REAL *restrict w, int64_t rows, int64_t cols, const vec *restrict d,
+                             vec *restrict din, int64_t nv) {
+    for (int64_t v = 0; v < nv; v++) {
+        int64_t i = 0;
+        for (; i + 8 <= cols; i += 8) {
+            vec acc[8] = {0};
+            for (int64_t o = 0; o < rows; o++) {
+                vec g = d[o * nv + v];
+#pragma GCC unroll 8
+                for (int r = 0; r < 8; r++) acc[r] += w[o * cols + i + r] * g;
+            }
+#pragma GCC unroll 8
+            for (int r = 0; r < 8; r++) din[(i + r) * nv + v] = acc[r];
+        }
+        for (; i < cols; i++) {
+            vec acc = {0};
+            for (int64_t o = 0; o < rows; o++) acc += w[o * cols + i] * d[o * nv + v];
+            din[i * nv + v] = acc;
+        }
+    }
+}
+
+/* g[o][:] = sum_n d[o][n] in_rows[n][:], eight rows by one vector of columns at a time
+ * (rows a multiple of 8, cols of LANES). d is feature-major, i.e. a [rows][samples] matrix. */
+static void layer_weight_grad(const vec *restrict d, const REAL *const *restrict in_rows, int64_t rows,
+                              int64_t cols, int64_t samples, REAL *restrict g) {
+    const REAL *ds = (const REAL *)d;
+    for (int64_t o = 0; o < rows; o += 8) {
+        for (int64_t c = 0; c < cols; c += LANES) {
+            vec acc[8] = {0};
+            for (int64_t n = 0; n < samples; n++) {
+                vec x; /* rows need not be vector-aligned */
+                memcpy(&x, in_rows[n] + c, sizeof x);
+#pragma GCC unroll 8
+                for (int r = 0; r < 8; r++) acc[r] += ds[(o + r) * samples + n] * x;
+            }
+#pragma GCC unroll 8
+            for (int r = 0; r < 8; r++) memcpy(g + (o + r) * cols + c, &acc[r], sizeof acc[r]);
+        }
+    }
+}
+
+/* sum_f a[f][v] (and sum_f a[f][v] b[f][v] when b is given), with four partial sums:
+ * one running sum would wait on the adder's latency at every feature. */
+static vec feature_sum(const vec *restrict a, const vec *restrict b, int64_t features, int64_t nv, int64_t v) {
+    vec acc[4] = {0};
+    int64_t f = 0;
+    for (; f + 4 <= features; f += 4)
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) acc[r] += b ? a[(f + r) * nv + v] * b[(f + r) * nv + v] : a[(f + r) * nv + v];
+    for (; f < features; f++) acc[0] += b ? a[f * nv + v] * b[f * nv + v] : a[f * nv + v];
+    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+/* LayerNorm (no affine) over features, then ReLU; keeps the normalized values and 1/std. */
+static void norm_relu(vec *restrict pre, int64_t features, REAL eps, vec *restrict normed,
+                      vec *restrict act, vec *restrict rstd, int64_t nv) {
+    const REAL inv = (REAL)1 / (REAL)features;
+    for (int64_t v = 0; v < nv; v++) {
+        const vec mean = feature_sum(pre, NULL, features, nv, v) * inv;
+        for (int64_t f = 0; f < features; f++) pre[f * nv + v] -= mean;
+        vec var = feature_sum(pre, pre, features, nv, v) * inv + eps;
+        REAL lanes[LANES]; /* a plain array loop, so the compiler vectorizes sqrt and division */
+        memcpy(lanes, &var, sizeof var);
+        for (int k = 0; k < LANES; k++) lanes[k] = (REAL)1 / sqrt(lanes[k]);
+        vec r;
+        memcpy(&r, lanes, sizeof r);
+        rstd[v] = r;
+        for (int64_t f = 0; f < features; f++) {
+            vec z = pre[f * nv + v] * r;
+            normed[f * nv + v] = z;
+            /* NaN must propagate (a diverged model stays diverged), as torch.relu does. */
+            act[f * nv + v] = (vec)((mask)z & ~(z < 0));
+        }
+    }
+}
+
+/* Through the ReLU (zero where its output is not positive) and the LayerNorm, in place. */
+static void norm_relu_backward(vec *restrict d, const vec *restrict normed, const vec *restrict rstd,
+                               int64_t features, int64_t nv) {
+    const REAL inv = (REAL)1 / (REAL)features;
+    for (int64_t v = 0; v < nv; v++) {
+        for (int64_t f = 0; f < features; f++)
+            d[f * nv + v] = (vec)((mask)d[f * nv + v] & (normed[f * nv + v] > 0));
+        const vec mean_d = feature_sum(d, NULL, features, nv, v) * inv;
+        const vec mean_dz = feature_sum(d, normed, features, nv, v) * inv;
+        for (int64_t f = 0; f < features; f++)
+            d[f * nv + v] = rstd[v] * (d[f * nv + v] - mean_d - normed[f * nv + v] * mean_dz);
+    }
+}
+
+/* Transpose a LANES x LANES tile held in vectors: afterwards r[i][k] is the old r[k][i].
+ * Four rounds swap ever smaller off-diagonal blocks (8, 4, 2, 1) with two-source shuffles. */
+static void transpose_tile(vec r[LANES]) {
+    static const mask lo[4] = {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                               {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                               {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                               {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
+    static const mask hi[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+                               {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+                               {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+                               {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}};
+    for (int round = 0, block = 8; round < 4; round++, block /= 2)
+        for (int i = 0; i < LANES; i++)
+            if (!(i & block)) {
+                const vec a = r[i], b = r[i + block];
+                r[i] = __builtin_shuffle(a, b, lo[round]);
+                r[i + block] = __builtin_shuffle(a, b, hi[round]);
+            }
+}
+
+/* Sample-major copy of a feature-major activation: rows[n][f] (features a multiple of LANES). */
+static void to_rows(const vec *restrict act, int64_t features, REAL *restrict rows, int64_t nv) {
+    vec tile[LANES];
+    for (int64_t v = 0; v < nv; v++)
+        for (int64_t f = 0; f < features; f += LANES) {
+            for (int k = 0; k < LANES; k++) tile[k] = act[(f + k) * nv + v];
+            transpose_tile(tile);
+            for (int k = 0; k < LANES; k++) memcpy(rows + (v * LANES + k) * features + f, &tile[k], sizeof(vec));
+        }
+}
+
+typedef struct {
+    vec *input, *normed, *act, *rstd, *delta, *delta_in, *logit;
+    REAL *rows, *grad, *zeros;
+    const REAL **input_rows;
+} Scratch;
+
+static void *zalloc(size_t bytes) {
+    size_t rounded = (bytes + ALIGN - 1) / ALIGN * ALIGN;
+    void *p = aligned_alloc(ALIGN, rounded ? rounded : ALIGN);
+    if (p) memset(p, 0, rounded);
+    return p;
+}
+
+static int scratch_alloc(Scratch *s, const Shape *sh) {
+    const int64_t nv = sh->nv, h = sh->width, l = sh->depth, samples = nv * LANES;
+    const int64_t feats = sh->in_dim > h ? sh->in_dim : h;
+    s->input = zalloc(sizeof(vec) * sh->in_dim * nv);
+    s->normed = zalloc(sizeof(vec) * l * h * nv);
+    s->act = zalloc(sizeof(vec) * l * h * nv);
+    s->rstd = zalloc(sizeof(vec) * l * nv);
+    s->delta = zalloc(sizeof(vec) * feats * nv);
+    s->delta_in = zalloc(sizeof(vec) * feats * nv);
+    s->logit = zalloc(sizeof(vec) * nv);
+    s->rows = zalloc(sizeof(REAL) * (l > 1 ? l - 1 : 1) * samples * h);
+    s->grad = zalloc(sizeof(REAL) * num_weights(sh));
+    s->zeros = zalloc(sizeof(REAL) * sh->in_dim);
+    s->input_rows = zalloc(sizeof(REAL *) * l * samples);
+    return s->input && s->normed && s->act && s->rstd && s->delta && s->delta_in && s->logit && s->rows &&
+           s->grad && s->zeros && s->input_rows;
+}
+
+static void scratch_free(Scratch *s) {
+    free(s->input); free(s->normed); free(s->act); free(s->rstd); free(s->delta); free(s->delta_in);
+    free(s->logit); free(s->rows); free(s->grad); free(s->zeros); free((void *)s->input_rows);
+}
+
+/* Hidden layers' inputs as rows, for their weight gradients (after the forward pass). */
+static void hidden_rows(const Shape *sh, Scratch *s) {
+    const int64_t nv = sh->nv, h = sh->width, samples = nv * LANES;
+    for (int64_t l = 1; l < sh->depth; l++) {
+        REAL *rows = s->rows + (l - 1) * samples * h;
+        to_rows(s->act + (l - 1) * h * nv, h, rows, nv);
+        for (int64_t n = 0; n < samples; n++) s->input_rows[l * samples + n] = rows + n * h;
+    }
+}
+
+/* Forward pass of one model on s->input (feature-major); logits into s->logit. */
+static void forward(const Shape *sh, const REAL *theta, const REAL *head, REAL eps, Scratch *s) {
+    const int64_t nv = sh->nv, h = sh->width;
+    const vec *in = s->input;
+    int64_t cols = sh->in_dim;
+    for (int64_t l = 0; l < sh->depth; l++) {
+        vec *pre = s->delta; /* free until the backward pass */
+        layer_forward(theta + layer_offset(sh, l), h, cols, in, pre, nv);
+        norm_relu(pre, h, eps, s->normed + l * h * nv, s->act + l * h * nv, s->rstd + l * nv, nv);
+        in = s->act + l * h * nv;
+        cols = h;
+    }
+    for (int64_t v = 0; v < nv; v++) {
+        vec acc[4] = {0};
+        for (int64_t f = 0; f < h; f += 4) /* h is a multiple of LANES */
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) acc[r] += head[f + r] * in[(f + r) * nv + v];
+        s->logit[v] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    }
+}
+
+/* exp(x) for x <= 0, lane-wise: x = k ln2 + r with |r| <= ln2/2, exp(r) by its Taylor series
+ * (to below one ulp), times 2^k built in the exponent bits. NaN stays NaN; exp(x < lowest)
+ * is taken at lowest (~1e-38 / 1e-308), far below anything the loss or gradient can resolve. */
+static vec exp_nonpositive(vec x) {
+    const int single = sizeof(REAL) == 4;
+    const vec zero = {0}, lowest = zero + (single ? (REAL)-87 : (REAL)-708);
+    const mask low = x < lowest;
+    x = (vec)(((mask)x & ~low) | ((mask)lowest & low));
+    const vec shifter = zero + (single ? (REAL)12582912.0 : (REAL)6755399441055744.0); /* 1.5 * 2^mantissa */
+    const vec k = (x * (REAL)1.4426950408889634 + shifter) - shifter; /* round(x / ln2) */
+    const REAL ln2_hi = single ? (REAL)0.693359375 : (REAL)6.93147180369123816490e-01;
+    const REAL ln2_lo = single ? (REAL)-2.12194440e-4 : (REAL)1.90821492927058770002e-10;
+    const vec r = (x - k * ln2_hi) - k * ln2_lo;
+    const int terms = single ? 7 : 13;
+    REAL factorial = 1;
+    for (int n = 2; n <= terms; n++) factorial *= n;
+    vec p = zero + 1 / factorial;
+    for (int n = terms; n >= 1; n--) p = p * r + (factorial /= n, 1 / factorial); /* 1/(n-1)! */
+    const mask exponent = __builtin_convertvector(k, mask) + (single ? 127 : 1023);
+    return p * (vec)(exponent << (single ? 23 : 52));
+}
+
+/* log(1 + e) for 0 <= e <= 1, lane-wise: 2 atanh(s) with s = e / (2 + e) <= 1/3, by its series. */
+static vec log1p_unit(vec e) {
+    const int terms = sizeof(REAL) == 4 ? 8 : 17; /* truncation below (1/9)^terms / (2 terms + 1) */
+    const vec s = e / (2 + e), s2 = s * s;
+    vec p = (vec){0} + (REAL)1 / (2 * terms - 1);
+    for (int k = terms - 2; k >= 0; k--) p = p * s2 + (REAL)1 / (2 * k + 1);
+    return 2 * s * p;
+}
+
+/* Mean BCE loss of the batch, and the gradient of every weight into s->grad. */
+static REAL loss_and_grad(const Shape *sh, const REAL *theta, const REAL *head, REAL eps, const REAL *labels,
+                          int64_t batch, Scratch *s) {
+    const int64_t nv = sh->nv, h = sh->width, samples = nv * LANES;
+    forward(sh, theta, head, eps, s);
+    hidden_rows(sh, s);
+    const vec zero = {0};
+    vec loss = {0}, dlogit[nv];
+    for (int64_t v = 0; v < nv; v++) {
+        vec y = {0}, valid = {0};
+        for (int k = 0; k < LANES && v * LANES + k < batch; k++) {
+            y[k] = labels[v * LANES + k];
+            valid[k] = 1;
+        }
+        const vec z = s->logit[v], e = exp_nonpositive((vec)((mask)z | (mask)(-zero))); /* exp(-|z|) */
+        const vec positive = (vec)((mask)z & ~(z < 0)) /* max(z, 0), NaN-preserving */;
+        loss += valid * (positive - z * y + log1p_unit(e));
+        const mask nonnegative = z >= 0; /* sigmoid(z) = (z >= 0 ? 1 : e) / (1 + e) */
+        const vec numerator = (vec)(((mask)(zero + 1) & nonnegative) | ((mask)e & ~nonnegative));
+        dlogit[v] = valid * (numerator / (1 + e) - y) / (REAL)batch;
+    }
+    vec *delta = s->delta;
+    for (int64_t f = 0; f < h; f++)
+        for (int64_t v = 0; v < nv; v++) delta[f * nv + v] = head[f] * dlogit[v];
+    for (int64_t l = sh->depth - 1; l >= 0; l--) {
+        norm_relu_backward(delta, s->normed + l * h * nv, s->rstd + l * nv, h, nv);
+        const int64_t cols = l == 0 ? sh->in_dim : h;
+        const REAL *const *rows = s->input_rows + l * samples;
+        layer_weight_grad(delta, rows, h, cols, samples, s->grad + layer_offset(sh, l));
+        if (l > 0) {
+            layer_input_grad(theta + layer_offset(sh, l), h, cols, delta, s->delta_in, nv);
+            vec *swap = s->delta;
+            s->delta = s->delta_in;
+            s->delta_in = swap;
+            delta = s->delta;
+        }
+    }
+    REAL total = 0;
+    for (int k = 0; k < LANES; k++) total += loss[k];
+    return total / (REAL)batch;
+}
+
+static REAL sum_squares(const REAL *a, int64_t n) {
+    vec acc[4] = {0}; /* four independent sums: latency, not throughput, bounds one */
+    REAL tail = 0;
+    int64_t i = 0;
+    for (; i + 4 * LANES <= n; i += 4 * LANES) {
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            vec x;
+            memcpy(&x, a + i + r * LANES, sizeof x);
+            acc[r] += x * x;
+        }
+    }
+    for (; i < n; i++) tail += a[i] * a[i];
+    vec total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for (int k = 0; k < LANES; k++) tail += total[k];
+    return tail;
+}
+
+/* One step on the sphere of radius rho (see sphere.py): rule 0 projected, 1 Riemannian. */
+static void sphere_step(REAL *theta, const REAL *grad, int64_t n, REAL lr, REAL grad_norm, REAL rho, int64_t rule) {
+    if (rule == 0) {
+        for (int64_t i = 0; i < n; i++) theta[i] -= lr * grad[i];
+    } else {
+        const REAL theta_norm = sqrt(sum_squares(theta, n));
+        const REAL angle = lr * grad_norm / theta_norm;
+        const REAL floor = sizeof(REAL) == 4 ? 1.17549435e-38f : 2.2250738585072014e-308;
+        const REAL along = -sin(angle) * theta_norm / (grad_norm > floor ? grad_norm : floor);
+        const REAL keep = cos(angle);
+        for (int64_t i = 0; i < n; i++) theta[i] = theta[i] * keep + grad[i] * along;
+    }
+    const REAL scale = rho / (REAL)sqrt(sum_squares(theta, n));
+    for (int64_t i = 0; i < n; i++) theta[i] *= scale;
+}
+
+/* Gather one minibatch: feature-major input vectors, and pointers to its rows for the gradient. */
+static void load_batch(const Shape *sh, const REAL *x, const int64_t *index, int64_t batch, Scratch *s) {
+    const int64_t nv = sh->nv, d = sh->in_dim;
+    vec tile[LANES];
+    for (int64_t v = 0; v < nv; v++) {
+        for (int k = 0; k < LANES; k++) {
+            const int64_t n = v * LANES + k;
+            s->input_rows[n] = n < batch ? x + index[n] * d : s->zeros;
+        }
+        for (int64_t f = 0; f < d; f += LANES) {
+            for (int k = 0; k < LANES; k++) memcpy(&tile[k], s->input_rows[v * LANES + k] + f, sizeof(vec));
+            transpose_tile(tile);
+            for (int k = 0; k < LANES; k++) s->input[(f + k) * nv + v] = tile[k];
+        }
+    }
+}
+
+/* Train models [0, num_models) for `steps` steps; mirrors GridTrainer.lockstep and its sums.
+ * order: [streams][steps][batch] sample indices (row stride order_stride per stream).
+ * Returns 0, or -1 when scratch memory could not be allocated. */
+int lrf_train(int64_t num_models, int64_t depth, int64_t in_dim, int64_t width, int64_t batch, REAL eps,
+              REAL *theta, const REAL *head, const REAL *lrs, REAL rho, int64_t rule, const REAL *x,
+              const REAL *y, const int64_t *order, int64_t order_stride, int64_t steps,
+              const int64_t *stream_of_model, uint8_t *active, REAL *grad_norm, REAL *grad_sum, REAL *loss_sum,
+              REAL *count) {
+    Shape sh = {depth, in_dim, width, (batch + LANES - 1) / LANES};
+    Scratch s;
+    if (!scratch_alloc(&s, &sh)) {
+        scratch_free(&s);
+        return -1;
+    }
+    const int64_t p = num_weights(&sh);
+    REAL labels[sh.nv * LANES];
+    for (int64_t m = 0; m < num_models; m++) {
+        REAL *w = theta + m * p;
+        const REAL lr = lrs[m] * rho * rho;
+        const int64_t *stream = order + stream_of_model[m] * order_stride;
+        for (int64_t t = 0; t < steps; t++) {
+            const int64_t *index = stream + t * batch;
+            load_batch(&sh, x, index, batch, &s);
+            for (int64_t n = 0; n < batch; n++) labels[n] = y[index[n]];
+            const REAL loss = loss_and_grad(&sh, w, head + m * width, eps, labels, batch, &s);
+            const REAL norm = sqrt(sum_squares(s.grad, p));
+            if (active[m]) grad_norm[m] = norm;
+            active[m] = active[m] && isfinite(loss) && isfinite(grad_norm[m]);
+            sphere_step(w, s.grad, p, lr, norm, rho, rule);
+            if (active[m]) {
+                grad_sum[m] += grad_norm[m];
+                loss_sum[m] += loss;
+                count[m] += 1;
+            }
+        }
+    }
+    scratch_free(&s);
+    return 0;
+}
+
+/* Logits of models [0, num_models) on `blocks` feature-major sample blocks xt[b][in_dim][LANES];
+ * out is [num_models][blocks * LANES]. Returns 0, or -1 on allocation failure. */
+int lrf_logits(int64_t num_models, int64_t depth, int64_t in_dim, int64_t width, REAL eps, const REAL *theta,
+               const REAL *head, const REAL *xt, int64_t blocks, REAL *out) {
+    Shape sh = {depth, in_dim, width, 1};
+    Scratch s;
+    if (!scratch_alloc(&s, &sh)) {
+        scratch_free(&s);
+        return -1;
+    }
+    const int64_t p = num_weights(&sh);
+    for (int64_t m = 0; m < num_models; m++) {
+        for (int64_t b = 0; b < blocks; b++) {
+            memcpy(s.input, xt + b * in_dim * LANES, sizeof(vec) * in_dim);
+            forward(&sh, theta + m * p, head + m * width, eps, &s);
+            memcpy(out + m * blocks * LANES + b * LANES, &s.logit[0], sizeof(vec));
+        }
+    }
+    scratch_free(&s);
+    return 0;
+}

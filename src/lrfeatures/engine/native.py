@@ -1,0 +1,189 @@
+"""The compiled CPU kernel for grids of SI MLPs (mlp_native.c), loaded through ctypes.
+
+The C source is compiled at first use for this machine (gcc or cc, -O3 -march=native) into a
+per-user cache, keyed by the source, the flags and the CPU. Without a C compiler the grid
+engine falls back to its torch kernels (with a warning). The kernel splits the models of a
+chunk over torch's thread count; ctypes releases the GIL, so the threads run in parallel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from ..models.mlp import SIMLP
+
+SOURCE = Path(__file__).with_name("mlp_native.c")
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu11"]
+LANES = 16  # samples per vector in the C code
+REALS = {torch.float32: "float", torch.float64: "double"}
+RULES = {"projected": 0, "riemannian": 1}
+_libraries: dict[torch.dtype, ctypes.CDLL | None] = {}
+_pool: ThreadPoolExecutor | None = None
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels live ($LRF_CACHE_DIR, else the user's cache directory)."""
+    base = os.environ.get("LRF_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lrfeatures")
+    return Path(base) / "native"
+
+
+def cpu_signature() -> str:
+    """The CPU model and flags (-march=native code must not run on another CPU)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return os.uname().machine
+    return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+
+
+def compiler() -> str | None:
+    """A C compiler on PATH ($CC first)."""
+    for name in (os.environ.get("CC"), "gcc", "cc"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def build(dtype: torch.dtype) -> Path:
+    """Compile the kernel for one precision (cached); returns the shared library's path."""
+    cc = compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    flags = FLAGS + [f"-DREAL={REALS[dtype]}"]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *flags, cpu_signature()]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"mlp_native_{REALS[dtype]}_{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Compile to a private name, then rename: concurrent processes never load a partial file.
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            subprocess.run([cc, *flags, "-o", partial, str(SOURCE), "-lm"], check=True, capture_output=True, text=True)
+            os.replace(partial, target)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+    return target
+
+
+def library(dtype: torch.dtype) -> ctypes.CDLL | None:
+    """The loaded kernel for this precision, or None (with one warning) if it cannot be built."""
+    if dtype not in _libraries:
+        try:
+            lib = ctypes.CDLL(str(build(dtype)))
+        except (RuntimeError, OSError, subprocess.CalledProcessError) as err:
+            detail = getattr(err, "stderr", "") or err
+            warnings.warn(f"the compiled MLP kernel is unavailable ({str(detail).strip()[:200]}); "
+                          "the grid engine uses its torch kernels")
+            lib = None
+        if lib is not None:
+            i64, ptr = ctypes.c_int64, ctypes.c_void_p
+            real = ctypes.c_float if dtype == torch.float32 else ctypes.c_double
+            lib.lrf_train.argtypes = [i64, i64, i64, i64, i64, real, ptr, ptr, ptr, real, i64, ptr, ptr, ptr,
+                                      i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
+            lib.lrf_logits.argtypes = [i64, i64, i64, i64, real, ptr, ptr, ptr, i64, ptr]
+            lib.lrf_train.restype = lib.lrf_logits.restype = ctypes.c_int
+        _libraries[dtype] = lib
+    return _libraries[dtype]
+
+
+def thread_pool() -> ThreadPoolExecutor:
+    """One worker per torch thread, shared by every kernel call."""
+    global _pool
+    if _pool is None or _pool._max_workers != torch.get_num_threads():
+        _pool = ThreadPoolExecutor(max_workers=torch.get_num_threads(), thread_name_prefix="lrf-native")
+    return _pool
+
+
+def model_ranges(num_models: int) -> list[tuple[int, int]]:
+    """Contiguous model ranges, one per worker thread."""
+    workers = max(1, min(torch.get_num_threads(), num_models))
+    bounds = [num_models * k // workers for k in range(workers + 1)]
+    return [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+
+def at(tensor: torch.Tensor, row: int) -> int:
+    """Address of row `row` of a contiguous tensor."""
+    return tensor.data_ptr() + row * tensor.stride(0) * tensor.element_size()
+
+
+def run_split(num_models: int, call) -> None:
+    """call(lo, hi) on each model range in parallel; raises if any call failed."""
+    codes = list(thread_pool().map(lambda r: call(*r), model_ranges(num_models)))
+    if any(codes):
+        raise MemoryError("the compiled MLP kernel could not allocate its scratch memory")
+
+
+class NativeMLP:
+    """Training segments and logits of a grid of SI MLPs (binary head, ReLU) in compiled C."""
+
+    def __init__(self, template: SIMLP, lib: ctypes.CDLL, dtype: torch.dtype):
+        self.lib, self.dtype = lib, dtype
+        self.depth = len(template.hidden)
+        self.in_dim = template.hidden[0].in_features
+        self.width = template.hidden[0].out_features
+        self.eps = template.norm_eps
+
+    @staticmethod
+    def supports(template, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether this kernel can train the model: a binary-head ReLU SI MLP on CPU."""
+        return (isinstance(template, SIMLP) and template.activation == "relu" and template.squeeze
+                and device.type == "cpu" and dtype in REALS
+                and template.hidden[0].in_features % LANES == 0 and template.hidden[0].out_features % LANES == 0)
+
+    @classmethod
+    def create(cls, template, device: torch.device, dtype: torch.dtype) -> "NativeMLP | None":
+        """The kernel for this model, or None where it does not apply or cannot be built."""
+        if os.environ.get("LRF_NATIVE", "1") == "0" or not cls.supports(template, device, dtype):
+            return None
+        lib = library(dtype)
+        return cls(template, lib, dtype) if lib is not None else None
+
+    def train(self, theta: torch.Tensor, head: torch.Tensor, lrs: torch.Tensor, rho: float, rule: str,
+              x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, stream_of_model: torch.Tensor,
+              sums: dict[str, torch.Tensor]) -> None:
+        """Run every model [M] through order's steps ([streams, steps, batch]), in place.
+
+        theta [M, P] and the accumulators in `sums` (active, grad_norm, grad_sum, loss_sum,
+        count) are updated as GridTrainer.lockstep and its bookkeeping would."""
+        order = order.contiguous()
+        streams, steps, batch = order.shape
+        x, y, head = x.contiguous(), y.contiguous(), head.reshape(len(head), -1).contiguous()
+        active = sums["active"].view(torch.uint8)
+
+        def call(lo: int, hi: int) -> int:
+            return self.lib.lrf_train(hi - lo, self.depth, self.in_dim, self.width, batch, self.eps,
+                                      at(theta, lo), at(head, lo), at(lrs, lo), rho, RULES[rule],
+                                      x.data_ptr(), y.data_ptr(), order.data_ptr(), steps * batch, steps,
+                                      at(stream_of_model, lo), at(active, lo), at(sums["grad_norm"], lo),
+                                      at(sums["grad_sum"], lo), at(sums["loss_sum"], lo), at(sums["count"], lo))
+
+        run_split(len(theta), call)
+
+    def logits(self, theta: torch.Tensor, head: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Logits [M, N] of every model on a shared set x [N, D]."""
+        n = len(x)
+        blocks = (n + LANES - 1) // LANES
+        padded = torch.zeros(blocks * LANES, self.in_dim, dtype=self.dtype)
+        padded[:n] = x
+        xt = padded.reshape(blocks, LANES, self.in_dim).transpose(1, 2).contiguous()  # [b, D, LANES]
+        out = torch.empty(len(theta), blocks * LANES, dtype=self.dtype)
+        head = head.reshape(len(head), -1).contiguous()
+
+        def call(lo: int, hi: int) -> int:
+            return self.lib.lrf_logits(hi - lo, self.depth, self.in_dim, self.width, self.eps, at(theta, lo),
+                                       at(head, lo), xt.data_ptr(), blocks, at(out, lo))
+
+        run_split(len(theta), call)
+        return out[:, :n]
