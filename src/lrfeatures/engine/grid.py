@@ -182,8 +182,7 @@ class GridTrainer:
         def evaluate(x, y):
             if native is None:
                 return evaluate_grid(self.sums, parts, frozen, x, y, eval_chunk)
-            loss, correct = loss_and_correct(native.logits(theta, frozen, x), y)
-            return loss.mean(1), correct.to(dtype).mean(1)
+            return native.evaluate(theta, frozen, x, y)
 
         def log(row: int) -> None:
             train_loss, train_acc = evaluate(x_train, y_train)

@@ -37,25 +37,40 @@ static int64_t layer_offset(const Shape *s, int64_t layer) {
     return layer == 0 ? 0 : s->width * s->in_dim + (layer - 1) * s->width * s->width;
 }
 
-/* out[o][v] = sum_i w[o][i] in[i][v], eight output rows at a time (eight FMA chains). */
+/* out[o][v] = sum_i w[o][i] in[i][v], eight output rows (and two sample vectors, where there
+ * are two) at a time: sixteen FMA chains, each weight loaded once for two vectors. */
 static void layer_forward(const REAL *restrict w, int64_t rows, int64_t cols, const vec *restrict in,
                           vec *restrict out, int64_t nv) {
-    for (int64_t v = 0; v < nv; v++) {
-        int64_t o = 0;
-        for (; o + 8 <= rows; o += 8) {
+    int64_t v = 0;
+    for (; v + 2 <= nv; v += 2) {
+        for (int64_t o = 0; o < rows; o += 8) { /* rows: a multiple of LANES */
+            vec acc[2][8] = {{{0}}};
+            for (int64_t i = 0; i < cols; i++) {
+                const vec x0 = in[i * nv + v], x1 = in[i * nv + v + 1];
+#pragma GCC unroll 8
+                for (int r = 0; r < 8; r++) {
+                    const REAL weight = w[(o + r) * cols + i];
+                    acc[0][r] += weight * x0;
+                    acc[1][r] += weight * x1;
+                }
+            }
+#pragma GCC unroll 8
+            for (int r = 0; r < 8; r++) {
+                out[(o + r) * nv + v] = acc[0][r];
+                out[(o + r) * nv + v + 1] = acc[1][r];
+            }
+        }
+    }
+    for (; v < nv; v++) {
+        for (int64_t o = 0; o < rows; o += 8) {
             vec acc[8] = {0};
             for (int64_t i = 0; i < cols; i++) {
-                vec x = in[i * nv + v];
+                const vec x = in[i * nv + v];
 #pragma GCC unroll 8
                 for (int r = 0; r < 8; r++) acc[r] += w[(o + r) * cols + i] * x;
             }
 #pragma GCC unroll 8
             for (int r = 0; r < 8; r++) out[(o + r) * nv + v] = acc[r];
-        }
-        for (; o < rows; o++) {
-            vec acc = {0};
-            for (int64_t i = 0; i < cols; i++) acc += w[o * cols + i] * in[i * nv + v];
-            out[o * nv + v] = acc;
         }
     }
 }
@@ -83,24 +98,52 @@ static void layer_input_grad(const REAL *restrict w, int64_t rows, int64_t cols,
     }
 }
 
-/* g[o][:] = sum_n d[o][n] in_rows[n][:], eight rows by one vector of columns at a time
- * (rows a multiple of 8, cols of LANES). d is feature-major, i.e. a [rows][samples] matrix. */
-static void layer_weight_grad(const vec *restrict d, const REAL *const *restrict in_rows, int64_t rows,
-                              int64_t cols, int64_t samples, REAL *restrict g) {
+/* g[o][:] = sum_n d[o][n] in_rows[n][:] (rows a multiple of 8, cols of LANES); d is
+ * feature-major, i.e. a [rows][samples] matrix. Blocks of eight rows by two vectors of
+ * columns give sixteen FMA chains: a sum over only 16 samples is too short to hide the FMA
+ * latency with fewer. Returns the lanes of sum(g^2), so the gradient norm needs no second pass. */
+static vec layer_weight_grad(const vec *restrict d, const REAL *const *restrict in_rows, int64_t rows,
+                             int64_t cols, int64_t samples, REAL *restrict g) {
     const REAL *ds = (const REAL *)d;
+    vec squares = {0};
     for (int64_t o = 0; o < rows; o += 8) {
-        for (int64_t c = 0; c < cols; c += LANES) {
+        int64_t c = 0;
+        for (; c + 2 * LANES <= cols; c += 2 * LANES) {
+            vec acc[8][2] = {{{0}}};
+            for (int64_t n = 0; n < samples; n++) {
+                vec x0, x1; /* rows need not be vector-aligned */
+                memcpy(&x0, in_rows[n] + c, sizeof x0);
+                memcpy(&x1, in_rows[n] + c + LANES, sizeof x1);
+#pragma GCC unroll 8
+                for (int r = 0; r < 8; r++) {
+                    const REAL scale = ds[(o + r) * samples + n];
+                    acc[r][0] += scale * x0;
+                    acc[r][1] += scale * x1;
+                }
+            }
+#pragma GCC unroll 8
+            for (int r = 0; r < 8; r++) {
+                memcpy(g + (o + r) * cols + c, &acc[r][0], sizeof(vec));
+                memcpy(g + (o + r) * cols + c + LANES, &acc[r][1], sizeof(vec));
+                squares += acc[r][0] * acc[r][0] + acc[r][1] * acc[r][1];
+            }
+        }
+        for (; c < cols; c += LANES) {
             vec acc[8] = {0};
             for (int64_t n = 0; n < samples; n++) {
-                vec x; /* rows need not be vector-aligned */
+                vec x;
                 memcpy(&x, in_rows[n] + c, sizeof x);
 #pragma GCC unroll 8
                 for (int r = 0; r < 8; r++) acc[r] += ds[(o + r) * samples + n] * x;
             }
 #pragma GCC unroll 8
-            for (int r = 0; r < 8; r++) memcpy(g + (o + r) * cols + c, &acc[r], sizeof acc[r]);
+            for (int r = 0; r < 8; r++) {
+                memcpy(g + (o + r) * cols + c, &acc[r], sizeof acc[r]);
+                squares += acc[r] * acc[r];
+            }
         }
     }
+    return squares;
 }
 
 /* sum_f a[f][v] (and sum_f a[f][v] b[f][v] when b is given), with four partial sums:
@@ -229,10 +272,9 @@ static void hidden_rows(const Shape *sh, Scratch *s) {
     }
 }
 
-/* Forward pass of one model on s->input (feature-major); logits into s->logit. */
-static void forward(const Shape *sh, const REAL *theta, const REAL *head, REAL eps, Scratch *s) {
+/* Forward pass of one model on feature-major inputs; logits into s->logit. */
+static void forward(const Shape *sh, const REAL *theta, const REAL *head, REAL eps, const vec *in, Scratch *s) {
     const int64_t nv = sh->nv, h = sh->width;
-    const vec *in = s->input;
     int64_t cols = sh->in_dim;
     for (int64_t l = 0; l < sh->depth; l++) {
         vec *pre = s->delta; /* free until the backward pass */
@@ -281,11 +323,11 @@ static vec log1p_unit(vec e) {
     return 2 * s * p;
 }
 
-/* Mean BCE loss of the batch, and the gradient of every weight into s->grad. */
+/* Mean BCE loss of the batch; the gradient of every weight into s->grad, its norm into *grad_norm. */
 static REAL loss_and_grad(const Shape *sh, const REAL *theta, const REAL *head, REAL eps, const REAL *labels,
-                          int64_t batch, Scratch *s) {
+                          int64_t batch, Scratch *s, REAL *grad_norm) {
     const int64_t nv = sh->nv, h = sh->width, samples = nv * LANES;
-    forward(sh, theta, head, eps, s);
+    forward(sh, theta, head, eps, s->input, s);
     hidden_rows(sh, s);
     const vec zero = {0};
     vec loss = {0}, dlogit[nv];
@@ -302,14 +344,14 @@ static REAL loss_and_grad(const Shape *sh, const REAL *theta, const REAL *head, 
         const vec numerator = (vec)(((mask)(zero + 1) & nonnegative) | ((mask)e & ~nonnegative));
         dlogit[v] = valid * (numerator / (1 + e) - y) / (REAL)batch;
     }
-    vec *delta = s->delta;
+    vec *delta = s->delta, squares = {0};
     for (int64_t f = 0; f < h; f++)
         for (int64_t v = 0; v < nv; v++) delta[f * nv + v] = head[f] * dlogit[v];
     for (int64_t l = sh->depth - 1; l >= 0; l--) {
         norm_relu_backward(delta, s->normed + l * h * nv, s->rstd + l * nv, h, nv);
         const int64_t cols = l == 0 ? sh->in_dim : h;
         const REAL *const *rows = s->input_rows + l * samples;
-        layer_weight_grad(delta, rows, h, cols, samples, s->grad + layer_offset(sh, l));
+        squares += layer_weight_grad(delta, rows, h, cols, samples, s->grad + layer_offset(sh, l));
         if (l > 0) {
             layer_input_grad(theta + layer_offset(sh, l), h, cols, delta, s->delta_in, nv);
             vec *swap = s->delta;
@@ -318,12 +360,17 @@ static REAL loss_and_grad(const Shape *sh, const REAL *theta, const REAL *head, 
             delta = s->delta;
         }
     }
-    REAL total = 0;
-    for (int k = 0; k < LANES; k++) total += loss[k];
+    REAL total = 0, norm2 = 0;
+    for (int k = 0; k < LANES; k++) {
+        total += loss[k];
+        norm2 += squares[k];
+    }
+    *grad_norm = sqrt(norm2);
     return total / (REAL)batch;
 }
 
-static REAL sum_squares(const REAL *a, int64_t n) {
+/* sum a^2 (four partial sums); with grad, a -= lr * grad first (the SGD step, in the same pass). */
+static REAL step_and_sum_squares(REAL *restrict a, const REAL *restrict grad, REAL lr, int64_t n) {
     vec acc[4] = {0}; /* four independent sums: latency, not throughput, bounds one */
     REAL tail = 0;
     int64_t i = 0;
@@ -332,10 +379,19 @@ static REAL sum_squares(const REAL *a, int64_t n) {
         for (int r = 0; r < 4; r++) {
             vec x;
             memcpy(&x, a + i + r * LANES, sizeof x);
+            if (grad) {
+                vec g;
+                memcpy(&g, grad + i + r * LANES, sizeof g);
+                x -= lr * g;
+                memcpy(a + i + r * LANES, &x, sizeof x);
+            }
             acc[r] += x * x;
         }
     }
-    for (; i < n; i++) tail += a[i] * a[i];
+    for (; i < n; i++) {
+        if (grad) a[i] -= lr * grad[i];
+        tail += a[i] * a[i];
+    }
     vec total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     for (int k = 0; k < LANES; k++) tail += total[k];
     return tail;
@@ -343,17 +399,19 @@ static REAL sum_squares(const REAL *a, int64_t n) {
 
 /* One step on the sphere of radius rho (see sphere.py): rule 0 projected, 1 Riemannian. */
 static void sphere_step(REAL *theta, const REAL *grad, int64_t n, REAL lr, REAL grad_norm, REAL rho, int64_t rule) {
+    REAL norm2;
     if (rule == 0) {
-        for (int64_t i = 0; i < n; i++) theta[i] -= lr * grad[i];
+        norm2 = step_and_sum_squares(theta, grad, lr, n);
     } else {
-        const REAL theta_norm = sqrt(sum_squares(theta, n));
+        const REAL theta_norm = sqrt(step_and_sum_squares(theta, NULL, 0, n));
         const REAL angle = lr * grad_norm / theta_norm;
         const REAL floor = sizeof(REAL) == 4 ? 1.17549435e-38f : 2.2250738585072014e-308;
         const REAL along = -sin(angle) * theta_norm / (grad_norm > floor ? grad_norm : floor);
         const REAL keep = cos(angle);
         for (int64_t i = 0; i < n; i++) theta[i] = theta[i] * keep + grad[i] * along;
+        norm2 = step_and_sum_squares(theta, NULL, 0, n);
     }
-    const REAL scale = rho / (REAL)sqrt(sum_squares(theta, n));
+    const REAL scale = rho / (REAL)sqrt(norm2);
     for (int64_t i = 0; i < n; i++) theta[i] *= scale;
 }
 
@@ -398,8 +456,8 @@ int lrf_train(int64_t num_models, int64_t depth, int64_t in_dim, int64_t width, 
             const int64_t *index = stream + t * batch;
             load_batch(&sh, x, index, batch, &s);
             for (int64_t n = 0; n < batch; n++) labels[n] = y[index[n]];
-            const REAL loss = loss_and_grad(&sh, w, head + m * width, eps, labels, batch, &s);
-            const REAL norm = sqrt(sum_squares(s.grad, p));
+            REAL norm;
+            const REAL loss = loss_and_grad(&sh, w, head + m * width, eps, labels, batch, &s, &norm);
             if (active[m]) grad_norm[m] = norm;
             active[m] = active[m] && isfinite(loss) && isfinite(grad_norm[m]);
             sphere_step(w, s.grad, p, lr, norm, rho, rule);
@@ -414,23 +472,41 @@ int lrf_train(int64_t num_models, int64_t depth, int64_t in_dim, int64_t width, 
     return 0;
 }
 
-/* Logits of models [0, num_models) on `blocks` feature-major sample blocks xt[b][in_dim][LANES];
- * out is [num_models][blocks * LANES]. Returns 0, or -1 on allocation failure. */
-int lrf_logits(int64_t num_models, int64_t depth, int64_t in_dim, int64_t width, REAL eps, const REAL *theta,
-               const REAL *head, const REAL *xt, int64_t blocks, REAL *out) {
-    Shape sh = {depth, in_dim, width, 1};
+/* Mean BCE loss and accuracy of models [0, num_models) on n samples, given as `blocks`
+ * feature-major blocks of nv vectors, xt[b][in_dim][nv][LANES], with labels y (padded to
+ * the blocks). A NaN logit counts as class 0, as in torch. Returns 0, or -1 on allocation failure. */
+int lrf_evaluate(int64_t num_models, int64_t depth, int64_t in_dim, int64_t width, REAL eps, const REAL *theta,
+                 const REAL *head, int64_t nv, const REAL *xt, const REAL *y, int64_t blocks, int64_t n,
+                 REAL *mean_loss, REAL *accuracy) {
+    Shape sh = {depth, in_dim, width, nv};
     Scratch s;
     if (!scratch_alloc(&s, &sh)) {
         scratch_free(&s);
         return -1;
     }
-    const int64_t p = num_weights(&sh);
+    const int64_t p = num_weights(&sh), block = nv * LANES;
+    const vec zero = {0};
     for (int64_t m = 0; m < num_models; m++) {
+        double loss_total = 0, correct_total = 0;
         for (int64_t b = 0; b < blocks; b++) {
-            memcpy(s.input, xt + b * in_dim * LANES, sizeof(vec) * in_dim);
-            forward(&sh, theta + m * p, head + m * width, eps, &s);
-            memcpy(out + m * blocks * LANES + b * LANES, &s.logit[0], sizeof(vec));
+            forward(&sh, theta + m * p, head + m * width, eps, (const vec *)(xt + b * in_dim * block), &s);
+            vec loss = {0}, correct = {0};
+            for (int64_t v = 0; v < nv; v++) {
+                vec labels, valid = {0};
+                memcpy(&labels, y + b * block + v * LANES, sizeof labels);
+                for (int k = 0; k < LANES; k++) valid[k] = b * block + v * LANES + k < n;
+                const vec z = s.logit[v], e = exp_nonpositive((vec)((mask)z | (mask)(-zero)));
+                loss += valid * ((vec)((mask)z & ~(z < 0)) - z * labels + log1p_unit(e));
+                const mask right = (z > 0) == (labels > (REAL)0.5);
+                correct += valid * (vec)((mask)(zero + 1) & right);
+            }
+            for (int k = 0; k < LANES; k++) {
+                loss_total += loss[k];
+                correct_total += correct[k];
+            }
         }
+        mean_loss[m] = (REAL)(loss_total / (double)n);
+        accuracy[m] = (REAL)(correct_total / (double)n);
     }
     scratch_free(&s);
     return 0;

@@ -25,6 +25,7 @@ from ..models.mlp import SIMLP
 SOURCE = Path(__file__).with_name("mlp_native.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu11"]
 LANES = 16  # samples per vector in the C code
+EVAL_VECTORS = 4  # sample vectors per evaluation pass (64 samples)
 REALS = {torch.float32: "float", torch.float64: "double"}
 RULES = {"projected": 0, "riemannian": 1}
 _libraries: dict[torch.dtype, ctypes.CDLL | None] = {}
@@ -92,8 +93,8 @@ def library(dtype: torch.dtype) -> ctypes.CDLL | None:
             real = ctypes.c_float if dtype == torch.float32 else ctypes.c_double
             lib.lrf_train.argtypes = [i64, i64, i64, i64, i64, real, ptr, ptr, ptr, real, i64, ptr, ptr, ptr,
                                       i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
-            lib.lrf_logits.argtypes = [i64, i64, i64, i64, real, ptr, ptr, ptr, i64, ptr]
-            lib.lrf_train.restype = lib.lrf_logits.restype = ctypes.c_int
+            lib.lrf_evaluate.argtypes = [i64, i64, i64, i64, real, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ptr]
+            lib.lrf_train.restype = lib.lrf_evaluate.restype = ctypes.c_int
         _libraries[dtype] = lib
     return _libraries[dtype]
 
@@ -171,19 +172,22 @@ class NativeMLP:
 
         run_split(len(theta), call)
 
-    def logits(self, theta: torch.Tensor, head: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Logits [M, N] of every model on a shared set x [N, D]."""
-        n = len(x)
-        blocks = (n + LANES - 1) // LANES
-        padded = torch.zeros(blocks * LANES, self.in_dim, dtype=self.dtype)
-        padded[:n] = x
-        xt = padded.reshape(blocks, LANES, self.in_dim).transpose(1, 2).contiguous()  # [b, D, LANES]
-        out = torch.empty(len(theta), blocks * LANES, dtype=self.dtype)
+    def evaluate(self, theta: torch.Tensor, head: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean loss [M] and accuracy [M] of every model on a shared labelled set x [N, D]."""
+        n, block = len(x), EVAL_VECTORS * LANES
+        blocks = (n + block - 1) // block
+        padded = torch.zeros(blocks * block, self.in_dim + 1, dtype=self.dtype)
+        padded[:n, :-1], padded[:n, -1] = x, y
+        xt = padded[:, :-1].reshape(blocks, block, self.in_dim).transpose(1, 2).contiguous()  # [b, D, samples]
+        labels = padded[:, -1].contiguous()
+        loss, accuracy = torch.empty(len(theta), dtype=self.dtype), torch.empty(len(theta), dtype=self.dtype)
         head = head.reshape(len(head), -1).contiguous()
 
         def call(lo: int, hi: int) -> int:
-            return self.lib.lrf_logits(hi - lo, self.depth, self.in_dim, self.width, self.eps, at(theta, lo),
-                                       at(head, lo), xt.data_ptr(), blocks, at(out, lo))
+            return self.lib.lrf_evaluate(hi - lo, self.depth, self.in_dim, self.width, self.eps, at(theta, lo),
+                                         at(head, lo), EVAL_VECTORS, xt.data_ptr(), labels.data_ptr(), blocks, n,
+                                         at(loss, lo), at(accuracy, lo))
 
         run_split(len(theta), call)
-        return out[:, :n]
+        return loss, accuracy
