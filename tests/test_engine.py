@@ -70,8 +70,12 @@ def test_mlp_kernel_matches_autograd(depth, activation, classes, shared, seed):
         torch.testing.assert_close(grad[m], expected_grad, rtol=1e-8, atol=1e-10)
 
 
+KERNELS = pytest.mark.parametrize("native", [True, False], ids=["c-kernel", "torch-kernel"])
+
+
+@KERNELS
 @pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-def test_grid_equals_reference_in_regime_one(data, dtype, atol):
+def test_grid_equals_reference_in_regime_one(data, dtype, atol, native):
     """Small LRs: both engines give the same weights, losses and gradient norms over 1,000 steps.
 
     float64 agrees to 1e-10. In float32, a ReLU input within rounding of 0 may take the other
@@ -81,7 +85,7 @@ def test_grid_equals_reference_in_regime_one(data, dtype, atol):
     task = make_task([1e-4, 1e-3, 3e-3], iterations=1000, log_every=100, dtype=dtype)
     x, y, x_test, y_test = (t.to(dtype) for t in (data.x_train, data.y_train, data.x_test, data.y_test))
     ref = train_reference(builder(), task, x, y, x_test, y_test)
-    grid = GridTrainer(builder()).train(task, x, y, x_test, y_test)
+    grid = GridTrainer(builder(), native=native).train(task, x, y, x_test, y_test)
     torch.testing.assert_close(grid.final, ref.final, rtol=0, atol=atol)
     for name in ("train_loss", "test_acc", "grad_norm", "grad_norm_mean", "batch_loss_mean"):
         torch.testing.assert_close(grid.logs[name], ref.logs[name], rtol=1e3 * atol, atol=atol, equal_nan=True)
@@ -94,8 +98,9 @@ def first_departure(a: torch.Tensor, b: torch.Tensor, tol: float) -> int:
     return int(over[0]) if len(over) else len(gap)
 
 
+@KERNELS
 @pytest.mark.parametrize("lr", [1e-2, 0.3])
-def test_grid_tracks_reference_until_chaos(data, lr):
+def test_grid_tracks_reference_until_chaos(data, lr, native):
     """Chaotic LRs (regime 2 and 3): float32 rounding is amplified, so exact agreement cannot last.
 
     The check: both float32 engines are compared with a float64 run of the reference (the
@@ -108,7 +113,7 @@ def test_grid_tracks_reference_until_chaos(data, lr):
                                                  dtype=torch.float64),
                             data.x_train.double(), data.y_train.double(), data.x_test.double(), data.y_test.double())
     ref = train_reference(builder(), task, data.x_train, data.y_train, data.x_test, data.y_test)
-    grid = GridTrainer(builder()).train(task, data.x_train, data.y_train, data.x_test, data.y_test)
+    grid = GridTrainer(builder(), native=native).train(task, data.x_train, data.y_train, data.x_test, data.y_test)
     ref_departs = first_departure(ref.checkpoints.double(), exact.checkpoints, 1e-4)
     grid_departs = first_departure(grid.checkpoints.double(), exact.checkpoints, 1e-4)
     assert grid_departs >= ref_departs // 2
@@ -119,7 +124,7 @@ def test_grid_tracks_reference_until_chaos(data, lr):
 def test_generic_kernel_matches_hand_kernel(data):
     """The torch.func path (any stateless model) gives the hand kernel's trajectories."""
     task = make_task([1e-3, 3e-3], iterations=100, log_every=50)
-    hand = GridTrainer(builder()).train(task, data.x_train, data.y_train, data.x_test, data.y_test)
+    hand = GridTrainer(builder(), native=False).train(task, data.x_train, data.y_train, data.x_test, data.y_test)
     trainer = GridTrainer(builder(), kernel=FuncKernel(builder()()))
     generic = trainer.train(task, data.x_train, data.y_train, data.x_test, data.y_test)
     torch.testing.assert_close(generic.final, hand.final, rtol=0, atol=1e-5)
@@ -152,10 +157,11 @@ def test_same_seed_bit_identical(data):
         assert torch.equal(first.logs[name].nan_to_num(), second.logs[name].nan_to_num())
 
 
-def test_divergence_is_recorded_and_training_goes_on(data):
+@KERNELS
+def test_divergence_is_recorded_and_training_goes_on(data, native):
     """A step that overflows makes the model non-finite: it is marked and frozen, the others train on."""
     task = make_task([1e-3, 1e38], seeds=(0,), iterations=50, log_every=10)
-    for result in (GridTrainer(builder()).train(task, data.x_train, data.y_train, data.x_test, data.y_test),
+    for result in (GridTrainer(builder(), native=native).train(task, data.x_train, data.y_train, data.x_test, data.y_test),
                    train_reference(builder(), task, data.x_train, data.y_train, data.x_test, data.y_test)):
         diverged = result.logs["diverged"][-1]
         assert diverged.tolist() == [0.0, 1.0]
@@ -163,10 +169,11 @@ def test_divergence_is_recorded_and_training_goes_on(data):
         assert result.logs["train_loss"][-1, 0] < result.logs["train_loss"][0, 0]
 
 
-def test_norm_preserved_every_step(data):
+@KERNELS
+def test_norm_preserved_every_step(data, native):
     """Every kept checkpoint of every model lies on the sphere."""
     task = make_task([1e-4, 1e-2, 1.0], iterations=100, ckpt_every=10, keep=10)
-    result = GridTrainer(builder()).train(task, data.x_train, data.y_train, data.x_test, data.y_test)
+    result = GridTrainer(builder(), native=native).train(task, data.x_train, data.y_train, data.x_test, data.y_test)
     norms = result.checkpoints.norm(dim=-1)
     torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-6)
 
@@ -174,8 +181,8 @@ def test_norm_preserved_every_step(data):
 def test_compiled_step_matches_eager(data):
     """torch.compile fuses the step; in the non-chaotic regime the trajectories stay the same."""
     task = make_task([1e-4, 1e-3], iterations=100, log_every=50)
-    eager = GridTrainer(builder()).train(task, data.x_train, data.y_train, data.x_test, data.y_test)
-    fused = GridTrainer(builder(), compile=True).train(task, data.x_train, data.y_train, data.x_test, data.y_test)
+    eager = GridTrainer(builder(), native=False).train(task, data.x_train, data.y_train, data.x_test, data.y_test)
+    fused = GridTrainer(builder(), compile=True, native=False).train(task, data.x_train, data.y_train, data.x_test, data.y_test)
     torch.testing.assert_close(fused.final, eager.final, rtol=0, atol=1e-5)
     torch.testing.assert_close(fused.logs["test_acc"], eager.logs["test_acc"], rtol=0, atol=1e-3)
 

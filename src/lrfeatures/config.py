@@ -105,6 +105,7 @@ class EngineConfig:
     memory_budget_gb: float = 4.0
     train_seeds_per_shard: int = 0  # 0: all training seeds of a data seed in one shard
     compile: bool = False  # torch.compile the grid step (~2x on CPU; a few seconds to compile)
+    native: bool = True  # SI MLPs on CPU: the compiled C kernel (engine/native.py), ~5x the torch kernels
 
 
 @dataclass

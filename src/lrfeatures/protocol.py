@@ -118,7 +118,8 @@ class SyntheticRunner:
             result = train_reference(make_model, task, data.x_train, data.y_train, data.x_test, data.y_test)
             self.progress(task.iterations * task.num_models)
             return result
-        trainer = GridTrainer(make_model, self.cfg.engine.memory_budget_gb, self.progress, self.cfg.engine.compile)
+        trainer = GridTrainer(make_model, self.cfg.engine.memory_budget_gb, self.progress, self.cfg.engine.compile,
+                              native=self.cfg.engine.native)
         return trainer.train(task, data.x_train, data.y_train, data.x_test, data.y_test)
 
     def evaluate(self, theta: torch.Tensor, frozen: dict[str, torch.Tensor], x: torch.Tensor,
@@ -126,7 +127,7 @@ class SyntheticRunner:
         """Loss and accuracy [M] of flat weights on a set."""
         return evaluate_models(self.make_model, theta.to(self.device),
                                {k: v.to(self.device) for k, v in frozen.items()}, x, y,
-                               self.cfg.engine.memory_budget_gb)
+                               self.cfg.engine.memory_budget_gb, self.cfg.engine.native)
 
     # ----- stages ----------------------------------------------------------------------
     def run(self, shard: Shard, depends_on: tuple[str, ...] | None = None,

@@ -82,11 +82,14 @@ def eval_chunk_size(num_models: int, width: int) -> int:
 
 
 def evaluate_models(make_model: Callable[[], nn.Module], theta: torch.Tensor, frozen: dict[str, torch.Tensor],
-                    x: torch.Tensor, y: torch.Tensor, memory_budget_gb: float = 4.0
+                    x: torch.Tensor, y: torch.Tensor, memory_budget_gb: float = 4.0, native: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and accuracy [M] of many flat-weight models on one set, chunked to the budget."""
     template = make_model().to(x.device)
     kernel = kernel_for(template)
+    compiled_kernel = NativeMLP.create(template, x.device, theta.dtype) if native else None
+    if compiled_kernel is not None:  # its working set is one model: no chunks needed
+        return compiled_kernel.evaluate(theta.contiguous(), kernel.stack_frozen(frozen), x, y)
     acts = activation_elements(template, x)
     step = max(1, int(memory_budget_gb * 2**30 // (4 * (2 * theta.shape[1] + 3 * EVAL_CHUNK * acts))))
     results = [evaluate_grid(chunk_sums(kernel), split(theta[lo:lo + step], kernel.shapes),
