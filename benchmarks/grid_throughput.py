@@ -6,9 +6,13 @@ Both engines do the same work per model: the SI MLP (32-32-32-1), batch 16, the 
 at a 100-step cadence, and the grid engine's achieved FLOP/s against this machine's float32
 matrix-product peak measured in the same run.
 
-FLOPs counted: the matrix products the grid engine executes (forward 2·B·(D·H + H·H + H),
-backward 2·B·(D·H + 2·H·H + 2·H) per model-step; evaluation forwards at the cadence).
-Element-wise work (LayerNorm, ReLU, the sphere projection) is not counted: it is memory-bound.
+FLOPs counted: only the matrix products (forward 2·B·(D·H + H·H + H), backward
+2·B·(D·H + 2·H·H + 2·H) per model-step; evaluation forwards at the cadence). The element-wise
+work (LayerNorm, ReLU, loss, the sphere step, transposes) takes time but is not counted.
+
+On CPU the grid engine runs the compiled C kernel (engine/native.py); `--no-native` measures
+the torch kernels instead. This VM's speed drifts by tens of percent, so each rate (and the
+peak, a sustained one-second GEMM rate) is the best of `--repeats` interleaved timings.
 
     python benchmarks/grid_throughput.py                # 1,150 models (50 seeds x 23 PLRs)
     python benchmarks/grid_throughput.py --models 230 --steps 200

@@ -3,7 +3,8 @@
 All models of a chunk step in lockstep: one batched forward/backward (see kernels.py), one
 batched sphere step, and a device-side divergence mask, so a step never waits on the host.
 Evaluation is batched over models too, at the task's log cadence. The grid is split into
-chunks of models that fit a memory budget.
+chunks of models that fit a memory budget. On CPU the SI MLP runs through the compiled kernel
+of native.py instead, one segment between two log or checkpoint steps per call.
 """
 
 from __future__ import annotations
