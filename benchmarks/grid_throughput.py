@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="grid engine steps per measurement")
     parser.add_argument("--reference-steps", type=int, default=600, help="reference engine steps per model")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many timings of each engine")
+    parser.add_argument("--repeats", type=int, default=5, help="best of this many timings of each engine")
     parser.add_argument("--no-compile", action="store_true", help="run the grid step eagerly")
     parser.add_argument("--no-native", action="store_true", help="use the torch kernels, not the compiled C one")
     args = parser.parse_args()

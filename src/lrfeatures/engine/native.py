@@ -3,7 +3,8 @@
 The C source is compiled at first use for this machine (gcc or cc, -O3 -march=native) into a
 per-user cache, keyed by the source, the flags and the CPU. Without a C compiler the grid
 engine falls back to its torch kernels (with a warning). The kernel splits the models of a
-chunk over torch's thread count; ctypes releases the GIL, so the threads run in parallel.
+chunk into ranges that torch's thread count of workers take in turn; ctypes releases the GIL,
+so the workers run in parallel.
 """
 
 from __future__ import annotations
@@ -107,10 +108,11 @@ def thread_pool() -> ThreadPoolExecutor:
     return _pool
 
 
-def model_ranges(num_models: int) -> list[tuple[int, int]]:
-    """Contiguous model ranges, one per worker thread."""
-    workers = max(1, min(torch.get_num_threads(), num_models))
-    bounds = [num_models * k // workers for k in range(workers + 1)]
+def model_ranges(num_models: int, per_worker: int = 8) -> list[tuple[int, int]]:
+    """Contiguous model ranges, several per worker thread: the pool hands them out as threads
+    free up, so a core slowed by something else does less of the work."""
+    pieces = max(1, min(torch.get_num_threads() * per_worker, num_models))
+    bounds = [num_models * k // pieces for k in range(pieces + 1)]
     return [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
 
 
