@@ -9,36 +9,20 @@ from hypothesis import strategies as st
 
 from lrfeatures.config import ModelConfig, SyntheticDataConfig
 from lrfeatures.data.synthetic import make_synthetic
-from lrfeatures.engine.common import GridTask, loss_and_correct
+from lrfeatures.engine.common import loss_and_correct
 from lrfeatures.engine.grid import GridTrainer, plan_chunks
 from lrfeatures.engine.kernels import FuncKernel, MLPKernel
 from lrfeatures.engine.reference import train_reference
 from lrfeatures.models import build_model, si_parameters
-from lrfeatures.sphere import flatten, project, unflatten_into_
+from lrfeatures.sphere import flatten
+
+from grids import make_task
 
 
 @pytest.fixture(scope="module")
 def data():
     """A small tick data set."""
     return make_synthetic(SyntheticDataConfig(n_train=256, n_test=256, n_probe=10), seed=3)
-
-
-def make_task(lrs, seeds=(0, 1), iterations=200, dtype=torch.float32, log_every=50, ckpt_every=0, keep=0,
-              model_cfg=ModelConfig(), num_outputs=1):
-    """A grid over lrs x seeds where each seed has its own init and batch stream."""
-    inits, heads, rates, streams = [], [], [], []
-    for s, seed in enumerate(seeds):
-        model = build_model(model_cfg, (32,), num_outputs, seed)
-        theta = project(flatten(si_parameters(model)).detach(), 1.0)
-        for lr in lrs:
-            inits.append(theta)
-            heads.append(model.head.weight.detach())
-            rates.append(lr)
-            streams.append(s)
-    return GridTask(torch.stack(inits).to(dtype), {"head.weight": torch.stack(heads).to(dtype)},
-                    torch.tensor(rates, dtype=torch.float64), torch.tensor(streams),
-                    [("test-order", seed) for seed in seeds], iterations, 16, 1.0, log_every=log_every,
-                    ckpt_every=ckpt_every, keep_checkpoints=keep)
 
 
 def builder(model_cfg=ModelConfig(), num_outputs=1):

@@ -10,12 +10,14 @@ from hypothesis import strategies as st
 from lrfeatures.config import ModelConfig, SyntheticDataConfig
 from lrfeatures.data.synthetic import make_synthetic
 from lrfeatures.engine import native
-from lrfeatures.engine.common import GridTask, loss_and_correct
+from lrfeatures.engine.common import loss_and_correct
 from lrfeatures.engine.grid import GridTrainer, evaluate_models
 from lrfeatures.engine.kernels import MLPKernel
 from lrfeatures.engine.native import NativeMLP
 from lrfeatures.models import build_model, si_parameters
 from lrfeatures.sphere import flatten, project, split
+
+from grids import make_task
 
 CPU = torch.device("cpu")
 
@@ -27,20 +29,9 @@ def data():
 
 
 def grid_task(model_cfg: ModelConfig, lrs, seeds, iterations, batch, rule="projected", dtype=torch.float64):
-    """lrs x seeds models; each seed has its own init, head and batch stream."""
-    inits, heads, rates, streams = [], [], [], []
-    for s, seed in enumerate(seeds):
-        model = build_model(model_cfg, (32,), 1, seed)
-        theta = project(flatten(si_parameters(model)).detach(), 1.0)
-        for lr in lrs:
-            inits.append(theta)
-            heads.append(model.head.weight.detach())
-            rates.append(lr)
-            streams.append(s)
-    return GridTask(torch.stack(inits).to(dtype), {"head.weight": torch.stack(heads).to(dtype)},
-                    torch.tensor(rates, dtype=torch.float64), torch.tensor(streams),
-                    [("native-test", seed) for seed in seeds], iterations, batch, 1.0, rule=rule,
-                    log_every=25, ckpt_every=20, keep_checkpoints=3)
+    """lrs x seeds models, logged every 25 steps with the last three of the checkpoints every 20."""
+    return make_task(lrs, seeds, iterations, dtype, log_every=25, ckpt_every=20, keep=3, model_cfg=model_cfg,
+                     batch=batch, rule=rule)
 
 
 def run(task, model_cfg, data, use_native, dtype=torch.float64):
