@@ -137,3 +137,22 @@ def test_compiled_library_is_cached(monkeypatch, tmp_path):
     stamp = first.stat().st_mtime_ns
     assert native.build(torch.float32) == first and first.stat().st_mtime_ns == stamp
     assert list(tmp_path.rglob("*.so")) == [first]
+
+
+def test_kernel_works_in_a_forked_child(data):
+    """A process forked after the kernel ran (multiprocessing's default on Linux) can still
+    train: the child builds its own thread pool instead of waiting on its parent's threads."""
+    import multiprocessing
+
+    cfg = ModelConfig()
+    task = grid_task(cfg, [1e-3], (0,), iterations=20, batch=16)
+    expected = run(task, cfg, data, True)
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        final = pool.apply_async(_train_final, (task, cfg, data)).get(timeout=60)
+    assert torch.equal(final, expected.final)
+
+
+def _train_final(task, cfg, data):
+    """Final weights of a task trained with the C kernel (run in a child process)."""
+    return run(task, cfg, data, True).final

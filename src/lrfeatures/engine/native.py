@@ -30,7 +30,7 @@ EVAL_VECTORS = 4  # sample vectors per evaluation pass (64 samples)
 REALS = {torch.float32: "float", torch.float64: "double"}
 RULES = {"projected": 0, "riemannian": 1}
 _libraries: dict[torch.dtype, ctypes.CDLL | None] = {}
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[tuple[int, int], ThreadPoolExecutor] | None = None
 
 
 def cache_dir() -> Path:
@@ -101,11 +101,13 @@ def library(dtype: torch.dtype) -> ctypes.CDLL | None:
 
 
 def thread_pool() -> ThreadPoolExecutor:
-    """One worker per torch thread, shared by every kernel call."""
+    """One worker per torch thread, shared by every kernel call (a new pool after a fork:
+    a forked child inherits the pool object but not its threads)."""
     global _pool
-    if _pool is None or _pool._max_workers != torch.get_num_threads():
-        _pool = ThreadPoolExecutor(max_workers=torch.get_num_threads(), thread_name_prefix="lrf-native")
-    return _pool
+    key = (os.getpid(), torch.get_num_threads())
+    if _pool is None or _pool[0] != key:
+        _pool = (key, ThreadPoolExecutor(max_workers=key[1], thread_name_prefix="lrf-native"))
+    return _pool[1]
 
 
 def model_ranges(num_models: int, per_worker: int = 8) -> list[tuple[int, int]]:
