@@ -156,3 +156,17 @@ def test_kernel_works_in_a_forked_child(data):
 def _train_final(task, cfg, data):
     """Final weights of a task trained with the C kernel (run in a child process)."""
     return run(task, cfg, data, True).final
+
+
+def test_mismatched_inputs_are_converted_or_refused():
+    """Inputs in another dtype are converted; tensors written in place must already be right."""
+    model = build_model(ModelConfig(), (32,), 1, 0)
+    kernel = NativeMLP.create(model, CPU, torch.float32)
+    theta = project(flatten(si_parameters(model)).detach(), 1.0).unsqueeze(0).contiguous()
+    head = model.head.weight.detach().unsqueeze(0)
+    x64, y64 = torch.randn(40, 32, dtype=torch.float64), (torch.rand(40) > 0.5).double()
+    loss, _ = kernel.evaluate(theta, head, x64, y64)
+    expected, _ = kernel.evaluate(theta, head, x64.float(), y64.float())
+    assert torch.equal(loss, expected)
+    with pytest.raises(ValueError, match="contiguous CPU torch.float32"):
+        kernel.evaluate(theta.double(), head, x64, y64)

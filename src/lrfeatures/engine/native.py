@@ -150,10 +150,17 @@ class NativeMLP:
     @classmethod
     def create(cls, template, device: torch.device, dtype: torch.dtype) -> "NativeMLP | None":
         """The kernel for this model, or None where it does not apply or cannot be built."""
-        if os.environ.get("LRF_NATIVE", "1") == "0" or not cls.supports(template, device, dtype):
+        if not cls.supports(template, device, dtype):
             return None
         lib = library(dtype)
         return cls(template, lib, dtype) if lib is not None else None
+
+    def check_inplace(self, *tensors: torch.Tensor) -> None:
+        """The C code reads and writes these through raw pointers: right dtype, contiguous, on CPU."""
+        for t in tensors:
+            if t.dtype != self.dtype or not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError(f"the compiled kernel needs contiguous CPU {self.dtype} tensors, got "
+                                 f"{t.dtype} on {t.device}{'' if t.is_contiguous() else ' (not contiguous)'}")
 
     def train(self, theta: torch.Tensor, head: torch.Tensor, lrs: torch.Tensor, rho: float, rule: str,
               x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, stream_of_model: torch.Tensor,
@@ -162,9 +169,13 @@ class NativeMLP:
 
         theta [M, P] and the accumulators in `sums` (active, grad_norm, grad_sum, loss_sum,
         count) are updated as GridTrainer.lockstep and its bookkeeping would."""
-        order = order.contiguous()
+        self.check_inplace(theta, *(sums[k] for k in ("grad_norm", "grad_sum", "loss_sum", "count")))
+        if sums["active"].dtype != torch.bool or not sums["active"].is_contiguous():
+            raise ValueError("sums['active'] must be a contiguous bool tensor")
+        order, stream_of_model = order.to(torch.int64).contiguous(), stream_of_model.to(torch.int64).contiguous()
         streams, steps, batch = order.shape
-        x, y, head = x.contiguous(), y.contiguous(), head.reshape(len(head), -1).contiguous()
+        x, y, lrs = (t.to(self.dtype).contiguous() for t in (x, y, lrs))
+        head = head.reshape(len(head), -1).to(self.dtype).contiguous()
         active = sums["active"].view(torch.uint8)
 
         def call(lo: int, hi: int) -> int:
@@ -186,7 +197,8 @@ class NativeMLP:
         xt = padded[:, :-1].reshape(blocks, block, self.in_dim).transpose(1, 2).contiguous()  # [b, D, samples]
         labels = padded[:, -1].contiguous()
         loss, accuracy = torch.empty(len(theta), dtype=self.dtype), torch.empty(len(theta), dtype=self.dtype)
-        head = head.reshape(len(head), -1).contiguous()
+        head = head.reshape(len(head), -1).to(self.dtype).contiguous()
+        self.check_inplace(theta)
 
         def call(lo: int, hi: int) -> int:
             return self.lib.lrf_evaluate(hi - lo, self.depth, self.in_dim, self.width, self.eps, at(theta, lo),
