@@ -206,24 +206,38 @@ static void norm_relu_backward(vec *restrict d, const vec *restrict normed, cons
     }
 }
 
+/* Two-source lane shuffles: GCC and clang spell them differently. */
+#ifdef __clang__
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+typedef __typeof__(_Generic((REAL)0, float: (int32_t)0, default: (int64_t)0)) lane_index;
+typedef lane_index lane_indices __attribute__((vector_size(LANES * sizeof(REAL))));
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (lane_indices){__VA_ARGS__})
+#endif
+/* Lanes for swapping the off-diagonal blocks of size 8, 4, 2, 1 between rows i and i + size. */
+#define LO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define HI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define LO4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define HI4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define LO2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define HI2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define LO1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define HI1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+#define SWAP_BLOCKS(size, LO, HI)                                  \
+    for (int i = 0; i < LANES; i++)                                \
+        if (!(i & size)) {                                         \
+            const vec a = r[i], b = r[i + size];                   \
+            r[i] = SHUFFLE(a, b, LO);                              \
+            r[i + size] = SHUFFLE(a, b, HI);                       \
+        }
+
 /* Transpose a LANES x LANES tile held in vectors: afterwards r[i][k] is the old r[k][i].
  * Four rounds swap ever smaller off-diagonal blocks (8, 4, 2, 1) with two-source shuffles. */
 static void transpose_tile(vec r[LANES]) {
-    static const mask lo[4] = {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
-                               {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
-                               {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
-                               {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
-    static const mask hi[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
-                               {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
-                               {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
-                               {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}};
-    for (int round = 0, block = 8; round < 4; round++, block /= 2)
-        for (int i = 0; i < LANES; i++)
-            if (!(i & block)) {
-                const vec a = r[i], b = r[i + block];
-                r[i] = __builtin_shuffle(a, b, lo[round]);
-                r[i + block] = __builtin_shuffle(a, b, hi[round]);
-            }
+    SWAP_BLOCKS(8, LO8, HI8)
+    SWAP_BLOCKS(4, LO4, HI4)
+    SWAP_BLOCKS(2, LO2, HI2)
+    SWAP_BLOCKS(1, LO1, HI1)
 }
 
 /* Sample-major copy of a feature-major activation: rows[n][f] (features a multiple of LANES). */
