@@ -170,3 +170,14 @@ def test_mismatched_inputs_are_converted_or_refused():
     assert torch.equal(loss, expected)
     with pytest.raises(ValueError, match="contiguous CPU torch.float32"):
         kernel.evaluate(theta.double(), head, x64, y64)
+
+
+def test_build_tries_the_next_architecture_flag(monkeypatch, tmp_path):
+    """A compiler that refuses the first -march/-mcpu spelling gets the next one."""
+    monkeypatch.setenv("LRF_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "ARCH_FLAGS", (["-march=no-such-cpu"], ["-march=native"]))
+    path = native.build(torch.float32)
+    assert path.exists() and len(list(tmp_path.rglob("*.so"))) == 1
+    monkeypatch.setattr(native, "ARCH_FLAGS", (["-march=no-such-cpu"],))
+    with pytest.raises(native.subprocess.CalledProcessError):
+        native.build(torch.float64)

@@ -1,6 +1,6 @@
 """The compiled CPU kernel for grids of SI MLPs (mlp_native.c), loaded through ctypes.
 
-The C source is compiled at first use for this machine (gcc or cc, -O3 -march=native) into a
+The C source is compiled at first use for this machine (gcc or cc, -O3 -march=native or -mcpu=native) into a
 per-user cache, keyed by the source, the flags and the CPU. Without a C compiler the grid
 engine falls back to its torch kernels (with a warning). The kernel splits the models of a
 chunk into ranges that torch's thread count of workers take in turn; ctypes releases the GIL,
@@ -24,7 +24,9 @@ import torch
 from ..models.mlp import SIMLP
 
 SOURCE = Path(__file__).with_name("mlp_native.c")
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu11"]
+FLAGS = ["-O3", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu11"]
+# Tried in order: x86 compilers take -march=native, some arm64 ones (Apple clang) only -mcpu=native.
+ARCH_FLAGS = (["-march=native"], ["-mcpu=native"], [])
 LANES = 16  # samples per vector in the C code
 EVAL_VECTORS = 4  # sample vectors per evaluation pass (64 samples)
 REALS = {torch.float32: "float", torch.float64: "double"}
@@ -62,10 +64,13 @@ def build(dtype: torch.dtype) -> Path:
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC)")
-    flags = FLAGS + [f"-DREAL={REALS[dtype]}"]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *flags, cpu_signature()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"mlp_native_{REALS[dtype]}_{key}.so"
-    if not target.exists():
+    failure = None
+    for arch in ARCH_FLAGS:
+        flags = FLAGS + arch + [f"-DREAL={REALS[dtype]}"]
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *flags, cpu_signature()]).encode()).hexdigest()[:16]
+        target = cache_dir() / f"mlp_native_{REALS[dtype]}_{key}.so"
+        if target.exists():
+            return target
         target.parent.mkdir(parents=True, exist_ok=True)
         # Compile to a private name, then rename: concurrent processes never load a partial file.
         fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -73,10 +78,13 @@ def build(dtype: torch.dtype) -> Path:
         try:
             subprocess.run([cc, *flags, "-o", partial, str(SOURCE), "-lm"], check=True, capture_output=True, text=True)
             os.replace(partial, target)
+            return target
+        except subprocess.CalledProcessError as err:
+            failure = err
         finally:
             if os.path.exists(partial):
                 os.unlink(partial)
-    return target
+    raise failure
 
 
 def library(dtype: torch.dtype) -> ctypes.CDLL | None:
