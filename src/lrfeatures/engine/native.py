@@ -3,9 +3,8 @@
 The C source is compiled at first use for this machine ($CC, gcc or cc; GCC or clang; -O3
 -march=native or -mcpu=native) into a per-user cache, keyed by the source, the flags and the
 CPU. Without a working C compiler the grid engine falls back to its torch kernels (with a
-warning). The kernel splits the models of a
-chunk into ranges that torch's thread count of workers take in turn; ctypes releases the GIL,
-so the workers run in parallel.
+warning). The kernel splits the models of a chunk into ranges that torch's thread count of
+workers take in turn; ctypes releases the GIL, so the workers run in parallel.
 """
 
 from __future__ import annotations
