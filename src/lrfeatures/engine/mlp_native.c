@@ -169,6 +169,9 @@ static vec feature_sum(const vec *restrict a, const vec *restrict b, int64_t fea
     return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
+/* max(z, 0), lane-wise; NaN propagates (a diverged model stays diverged), as in torch.relu. */
+static vec relu(vec z) { return (vec)((mask)z & ~(z < 0)); }
+
 /* LayerNorm (no affine) over features, then ReLU; keeps the normalized values and 1/std. */
 static void norm_relu(vec *restrict pre, int64_t features, REAL eps, vec *restrict normed,
                       vec *restrict act, vec *restrict rstd, int64_t nv) {
@@ -186,8 +189,7 @@ static void norm_relu(vec *restrict pre, int64_t features, REAL eps, vec *restri
         for (int64_t f = 0; f < features; f++) {
             vec z = pre[f * nv + v] * r;
             normed[f * nv + v] = z;
-            /* NaN must propagate (a diverged model stays diverged), as torch.relu does. */
-            act[f * nv + v] = (vec)((mask)z & ~(z < 0));
+            act[f * nv + v] = relu(z);
         }
     }
 }
@@ -348,6 +350,13 @@ static vec log1p_unit(vec e) {
     return 2 * s * p;
 }
 
+/* Binary cross-entropy of logits z with labels y, lane-wise: max(z, 0) - z y + log(1 + e),
+ * with e = exp(-|z|) returned through *e (the sigmoid needs it too). */
+static vec bce(vec z, vec y, vec *e) {
+    *e = exp_nonpositive((vec)((mask)z | (mask)(-(vec){0}))); /* -|z|: set the sign bit */
+    return relu(z) - z * y + log1p_unit(*e);
+}
+
 /* Mean BCE loss of the batch; the gradient of every weight into s->grad, its norm into *grad_norm. */
 static REAL loss_and_grad(const Shape *sh, const REAL *theta, const REAL *head, REAL eps, const REAL *labels,
                           int64_t batch, Scratch *s, REAL *grad_norm) {
@@ -362,9 +371,9 @@ static REAL loss_and_grad(const Shape *sh, const REAL *theta, const REAL *head, 
             y[k] = labels[v * LANES + k];
             valid[k] = 1;
         }
-        const vec z = s->logit[v], e = exp_nonpositive((vec)((mask)z | (mask)(-zero))); /* exp(-|z|) */
-        const vec positive = (vec)((mask)z & ~(z < 0)) /* max(z, 0), NaN-preserving */;
-        loss += valid * (positive - z * y + log1p_unit(e));
+        const vec z = s->logit[v];
+        vec e;
+        loss += valid * bce(z, y, &e);
         const mask nonnegative = z >= 0; /* sigmoid(z) = (z >= 0 ? 1 : e) / (1 + e) */
         const vec numerator = (vec)(((mask)(zero + 1) & nonnegative) | ((mask)e & ~nonnegative));
         dlogit[v] = valid * (numerator / (1 + e) - y) / (REAL)batch;
@@ -523,8 +532,9 @@ int lrf_evaluate(int64_t num_models, int64_t depth, int64_t in_dim, int64_t widt
                 vec labels, valid = {0};
                 memcpy(&labels, y + b * block + v * LANES, sizeof labels);
                 for (int k = 0; k < LANES; k++) valid[k] = b * block + v * LANES + k < n;
-                const vec z = s.logit[v], e = exp_nonpositive((vec)((mask)z | (mask)(-zero)));
-                loss += valid * ((vec)((mask)z & ~(z < 0)) - z * labels + log1p_unit(e));
+                const vec z = s.logit[v];
+                vec e;
+                loss += valid * bce(z, labels, &e);
                 const mask right = (z > 0) == (labels > (REAL)0.5);
                 correct += valid * (vec)((mask)(zero + 1) & right);
             }
