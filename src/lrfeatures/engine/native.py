@@ -115,6 +115,8 @@ def thread_pool() -> ThreadPoolExecutor:
     global _pool
     key = (os.getpid(), torch.get_num_threads())
     if _pool is None or _pool[0] != key:
+        if _pool is not None and _pool[0][0] == key[0]:
+            _pool[1].shutdown(wait=False)  # the thread count changed: retire the old workers
         _pool = (key, ThreadPoolExecutor(max_workers=key[1], thread_name_prefix="lrf-native"))
     return _pool[1]
 
