@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from lrfeatures.analysis.fourier import BandFilter
+from lrfeatures.fourier import BandFilter
 
 
 def sync(device: torch.device) -> None:

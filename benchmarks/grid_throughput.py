@@ -33,7 +33,7 @@ from lrfeatures.config import load_config
 from lrfeatures.engine.common import GridTask
 from lrfeatures.engine.grid import GridTrainer
 from lrfeatures.engine.reference import train_reference
-from lrfeatures.protocol import SyntheticRunner
+from lrfeatures.experiments.synthetic import SyntheticRunner
 from lrfeatures.store import ExperimentStore
 
 

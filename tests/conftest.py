@@ -63,13 +63,13 @@ def tiny_overrides():
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A finished run of the tiny config (grid engine), shared read-only by several tests."""
-    from lrfeatures.experiment import SyntheticExperiment
+    from lrfeatures.experiments import Experiment
 
     root = tmp_path_factory.mktemp("tiny-run")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        SyntheticExperiment(load_config(tiny_dict()), root).run()
+        Experiment(load_config(tiny_dict()), root).run()
     finally:
         torch.set_num_threads(threads)
     return root

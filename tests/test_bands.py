@@ -17,13 +17,15 @@ from PIL import Image
 
 from lrfeatures import cli
 from lrfeatures.analysis import bands as bands_mod
-from lrfeatures.analysis.bands import COLUMNS, BandsConfig, band_correct, plr_models, run_bands
-from lrfeatures.analysis.fourier import MODES, Band, BandFilter, band_accuracy, default_bands
+from lrfeatures.analysis.bands import COLUMNS, BandsConfig, band_correct
+from lrfeatures.fourier import MODES, Band, BandFilter, band_accuracy, default_bands
 from lrfeatures.config import load_config
 from lrfeatures.data.images import CIFAR_MEAN, CIFAR_STD
 from lrfeatures.engine.images import prepare_input
 from lrfeatures.errors import ConfigError
-from lrfeatures.images_experiment import ImageExperiment, ImageRunner, plan_shards
+from lrfeatures.experiments import Experiment, plan_shards
+from lrfeatures.experiments.bands import run_bands
+from lrfeatures.experiments.images import ImageAnalysis, ImageRunner
 from lrfeatures.store import ExperimentStore
 
 DEFAULT = BandsConfig().normalization
@@ -57,7 +59,7 @@ def trained(tmp_path_factory) -> Path:
     """A finished tiny image experiment (2 PLRs, 2 FLRs, 2 SWA Ks); tests work on copies."""
     folder = write_folder(tmp_path_factory.mktemp("images") / "set")
     root = tmp_path_factory.mktemp("run") / "exp"
-    ImageExperiment(load_config({**CONFIG, "data": {"dataset": f"folder:{folder}"}}), root).run()
+    Experiment(load_config({**CONFIG, "data": {"dataset": f"folder:{folder}"}}), root).run()
     return root
 
 
@@ -148,7 +150,7 @@ def test_whole_band_accuracy_equals_the_stored_test_accuracy(trained):
     everything = BandFilter(SIZE, bands=[Band("all", 0, SIZE)])
     for shard in (s for s in plan_shards(cfg) if s.stage == "pretrain"):
         data = runner.data(shard.data_seed)
-        keys, models = plr_models(runner, shard)
+        keys, models = ImageAnalysis(cfg, shard, data, runner).models()
         correct = band_correct(models, data.test_x, data.test_y, everything, "train", data.mean, data.std,
                                chunk_size=7, batch_size=5)
         for key, count in zip(keys, correct[:, 0, 0].tolist()):

@@ -14,8 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lrfeatures.data.batches import batch_indices
-from lrfeatures.experiment import TABLES, SyntheticExperiment, plan_shards
-from lrfeatures.protocol import Shard, SyntheticRunner
+from lrfeatures.experiments import Experiment, Shard, plan_shards, run_shard
+from lrfeatures.experiments.synthetic import SeedChunk, SyntheticRunner
+
+TABLES = ("metrics", "evaluations", "features", "geometry")  # the synthetic recipe's merged tables
 from lrfeatures.store import ExperimentStore
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -132,14 +134,14 @@ def test_summary_has_documented_keys(tiny_run):
         blocks = [entry["pretrain"], *entry["finetune"].values(), *entry["swa"].values()]
         for block in blocks:
             assert block_keys <= set(block)
-            assert set(block["train_loss"]) == {"mean", "std"}
+            assert set(block["train_loss"]) == {"mean", "std", "n"}
             curve = block["sorted_feature_acc"]["mean"]
             assert len(curve) == F and len(block["sorted_feature_acc"]["std"]) == F
             assert curve == sorted(curve, reverse=True)
         assert set(entry["geometry"]) == PAIRS
         for pair in entry["geometry"].values():
             assert set(pair) == {"angle", "train_barrier", "test_barrier"}
-            assert set(pair["angle"]) == {"median", "q25", "q75", "mean", "std"}
+            assert set(pair["angle"]) == {"median", "q25", "q75", "mean", "std", "n"}
         pre = ev[(ev.stage == "pretrain") & np.isclose(ev.plr, entry["plr"])]
         assert entry["pretrain"]["test_acc"]["mean"] == pytest.approx(pre["test_acc"].mean())
         assert entry["pretrain"]["train_loss"]["std"] == pytest.approx(pre["train_loss"].std(ddof=1))
@@ -148,7 +150,7 @@ def test_summary_has_documented_keys(tiny_run):
 # ----- determinism and resume ---------------------------------------------------------------
 
 def test_same_config_gives_identical_tables(tiny_run, tiny_config, tmp_path):
-    summary = SyntheticExperiment(tiny_config, tmp_path).run()
+    summary = Experiment(tiny_config, tmp_path).run()
     assert_same_tables(tiny_run, tmp_path)
     assert summary == json.loads((tiny_run / "summary.json").read_text())
 
@@ -159,7 +161,7 @@ def test_resume_after_failure_keeps_finished_shards(tiny_run, tiny_config, tmp_p
 
     monkeypatch.setattr(SyntheticRunner, "run_finetune", crash)
     with pytest.raises(RuntimeError, match="killed during fine-tuning"):
-        SyntheticExperiment(tiny_config, tmp_path).run()
+        Experiment(tiny_config, tmp_path).run()
     store = ExperimentStore(tmp_path)
     assert store.done_shards() == [f"pretrain-{SHARD}"]
     assert list(store.shards_dir.glob(".tmp-*")) == []
@@ -169,7 +171,7 @@ def test_resume_after_failure_keeps_finished_shards(tiny_run, tiny_config, tmp_p
     # Resume: the pretrain shard must be reused, never recomputed.
     monkeypatch.undo()
     monkeypatch.setattr(SyntheticRunner, "run_pretrain", lambda *a, **k: pytest.fail("pretrain recomputed"))
-    SyntheticExperiment(tiny_config, tmp_path).run()
+    Experiment(tiny_config, tmp_path).run()
     assert done_info(tmp_path, f"pretrain-{SHARD}")["finished"] == finished
     assert sorted(store.done_shards()) == sorted(s.name for s in plan_shards(tiny_config))
     assert_same_tables(tiny_run, tmp_path)
@@ -180,16 +182,16 @@ def test_interrupt_in_analysis_then_resume(tiny_run, tiny_config, tmp_path, monk
         writer.table("features", pd.DataFrame({"feature": [0]}))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(SyntheticExperiment, "analyze", interrupt)
+    monkeypatch.setattr(SyntheticRunner, "run_analyze", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        SyntheticExperiment(tiny_config, tmp_path).run()
+        Experiment(tiny_config, tmp_path).run()
     store = ExperimentStore(tmp_path)
     assert store.done_shards() == [f"{stage}-{SHARD}" for stage in ("finetune", "pretrain", "swa")]
     assert list(store.shards_dir.glob(".tmp-*")) == []
     assert_no_half_written_shards(tmp_path)
     before = {s: done_info(tmp_path, s)["finished"] for s in store.done_shards()}
     monkeypatch.undo()
-    SyntheticExperiment(tiny_config, tmp_path).run()
+    Experiment(tiny_config, tmp_path).run()
     assert {s: done_info(tmp_path, s)["finished"] for s in before} == before
     assert_same_tables(tiny_run, tmp_path)
 
@@ -215,7 +217,7 @@ def test_checkpoints_are_the_weights_at_their_steps(tiny_run, make_tiny_config, 
     """Checkpoint at step 120 == final weights of the same run stopped after 120 steps."""
     cfg = make_tiny_config(pretrain={"iterations": 120})
     store = ExperimentStore.create(tmp_path, cfg)
-    SyntheticRunner(cfg, store).run(Shard("pretrain", 0, (0, 1)))
+    run_shard(store, Shard("pretrain", SeedChunk(0, (0, 1))), SyntheticRunner(cfg, store).run_pretrain)
     short = store.shard_tensors(f"pretrain-{SHARD}", "weights")["final"]
     checkpoints = ExperimentStore(tiny_run).shard_tensors(f"pretrain-{SHARD}", "weights")["checkpoints"]
     assert torch.equal(short, checkpoints[0])
@@ -261,8 +263,8 @@ def test_batch_order_shared_across_lrs_of_a_seed(tiny_config, tmp_path, monkeypa
     monkeypatch.setattr(SyntheticRunner, "train", record)
     store = ExperimentStore.create(tmp_path, tiny_config)
     runner = SyntheticRunner(tiny_config, store)
-    runner.run(Shard("pretrain", 0, (0, 1)))
-    runner.run(Shard("finetune", 0, (0, 1)))
+    run_shard(store, Shard("pretrain", SeedChunk(0, (0, 1))), runner.run_pretrain)
+    run_shard(store, Shard("finetune", SeedChunk(0, (0, 1))), runner.run_finetune)
     pretrain, finetune = tasks
     seed_of_model = {"pretrain": [0, 0, 0, 1, 1, 1], "finetune": [0] * 6 + [1] * 6}  # seed-major layout
     for name, task in (("pretrain", pretrain), ("finetune", finetune)):
@@ -289,7 +291,7 @@ def diverging_run(tmp_path_factory):
                        "swa": {"ks": [2, 5]}, "seeds": {"data": [0], "train": [0, 1]},
                        "engine": {"memory_budget_gb": 1}})
     root = tmp_path_factory.mktemp("diverging")
-    summary = SyntheticExperiment(cfg, root).run()
+    summary = Experiment(cfg, root).run()
     return root, summary
 
 
@@ -328,7 +330,7 @@ def test_nonfinite_loss_rows_are_marked_diverged(diverging_run):
 
 def test_reference_engine_agrees_with_grid_engine(tiny_run, make_tiny_config, tmp_path):
     cfg = make_tiny_config(engine={"name": "reference"})
-    SyntheticExperiment(cfg, tmp_path).run()
+    Experiment(cfg, tmp_path).run()
     grid, ref = read_tables(tiny_run), read_tables(tmp_path)
     for name in ("metrics", "evaluations"):
         for plr in (1e-3, 1e-2):

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lrfeatures.analysis.fourier import (
+from lrfeatures.fourier import (
     Band,
     BandFilter,
     band_accuracy,

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lrfeatures.data import images
+from lrfeatures.data import cifar, images
 from lrfeatures.data.augment import Augment
 from lrfeatures.data.images import (CIFAR, CIFAR_MEAN, CIFAR_STD, ImageDataset, channel_mean_std,
                                     download_file, first_per_class, load_image_dataset,
@@ -99,8 +99,8 @@ def test_corrupt_archive_is_refused_before_anything_is_parsed(tmp_path, monkeypa
     def must_not_run(*args, **kwargs):
         raise AssertionError("a corrupt archive reached the parser")
 
-    monkeypatch.setattr(images, "parse_cifar_archive", must_not_run)
-    monkeypatch.setattr(images, "safe_loads", must_not_run)
+    monkeypatch.setattr(cifar, "parse_cifar_archive", must_not_run)  # where load_cifar looks them up
+    monkeypatch.setattr(cifar, "safe_loads", must_not_run)
     with pytest.raises(DataError, match="corrupt or incomplete") as info:
         load_image_dataset("cifar10", root=tmp_path, download=False, sha256=sha)
     assert "\n" not in str(info.value)

@@ -21,7 +21,8 @@ from lrfeatures.data.images import CIFAR_MEAN, CIFAR_STD
 from lrfeatures.engine.images import (DeviceImages, ImageTask, SphereSGD, evaluate, load_si_, recompute_bn,
                                       train_image_model)
 from lrfeatures.errors import ConfigError, DataError
-from lrfeatures.images_experiment import ImageExperiment, image_config, plan_shards
+from lrfeatures.experiments import Experiment, load_experiment_config, plan_shards
+from lrfeatures.experiments.images import image_config
 from lrfeatures.models.convnet import SIConvNet
 from lrfeatures.models.registry import si_parameters
 from lrfeatures.sphere import flatten
@@ -54,7 +55,7 @@ def tiny_images(folder: Path, **sections) -> dict:
 def finished(folder, tmp_path_factory) -> Path:
     """A complete run of the tiny image experiment."""
     root = tmp_path_factory.mktemp("run")
-    ImageExperiment(load_config(tiny_images(folder)), root).run()
+    Experiment(load_config(tiny_images(folder)), root).run()
     return root
 
 
@@ -225,9 +226,9 @@ def test_resume_after_one_shard_gives_identical_tables(folder, finished, tmp_pat
     cfg = load_config(tiny_images(folder))
     first = plan_shards(cfg)[0]
     assert first.stage == "pretrain"
-    ImageExperiment(cfg, tmp_path).run_shard(first)  # "interrupted" after one shard
+    Experiment(cfg, tmp_path).run_shard(first)  # "interrupted" after one shard
     done = (tmp_path / "shards" / first.name / "done.json").read_text()
-    ImageExperiment(cfg, tmp_path).run()
+    Experiment(cfg, tmp_path).run()
     assert (tmp_path / "shards" / first.name / "done.json").read_text() == done  # not recomputed
     for table in ("metrics", "evaluations", "geometry"):
         pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / f"{table}.parquet"),
@@ -248,19 +249,19 @@ def test_resume_after_one_shard_gives_identical_tables(folder, finished, tmp_pat
 ])
 def test_bad_configs_are_config_errors(folder, override, error):
     with pytest.raises(error):
-        load_config(tiny_images(folder, **override))
+        load_experiment_config(tiny_images(folder, **override))
 
 
 def test_missing_folder_is_a_data_error(tmp_path):
     cfg = load_config(tiny_images(tmp_path / "nowhere"))
     with pytest.raises(DataError, match="does not exist"):
-        ImageExperiment(cfg, tmp_path / "run").run()
+        Experiment(cfg, tmp_path / "run").run()
 
 
 def test_batch_larger_than_the_training_set_is_a_config_error(folder, tmp_path):
     cfg = load_config(tiny_images(folder, pretrain={"batch_size": 1000}))
     with pytest.raises(ConfigError, match="batch_size"):
-        ImageExperiment(cfg, tmp_path).run()
+        Experiment(cfg, tmp_path).run()
 
 
 def test_preset_variants_follow_the_model():

@@ -16,8 +16,11 @@ from torch import nn
 from lrfeatures.config import ModelConfig, load_config
 from lrfeatures.engine.images import (SplitOptimizer, free_parameters, load_tracked_, tracked_parameters)
 from lrfeatures.errors import ConfigError
-from lrfeatures.images_experiment import (AugmentPipeline, ImageConfig, ImageDataConfig, ImageExperiment,
-                                          build_image_model, image_config, plan_shards)
+from lrfeatures.config import ImageConfig, ImageDataConfig
+from lrfeatures.experiments import Experiment, load_experiment_config, plan_shards
+from lrfeatures.data.augment import AugmentPipeline
+from lrfeatures.experiments.images import image_config
+from lrfeatures.models import build_model, model_entry
 from lrfeatures.models.registry import si_parameters
 from lrfeatures.optim import OptimizerConfig, ScheduleConfig
 from lrfeatures.sphere import flatten
@@ -52,16 +55,13 @@ def practical(folder: Path, **sections) -> dict:
 def finished(folder, tmp_path_factory) -> Path:
     """A complete run of the tiny practical experiment."""
     root = tmp_path_factory.mktemp("run")
-    ImageExperiment(load_config(practical(folder)), root).run()
+    Experiment(load_config(practical(folder)), root).run()
     return root
 
 
 def tiny_vit_si(seed: int = 0) -> nn.Module:
     """A one-block SI ViT for 8x8 images (no dropout, so steps are deterministic)."""
-    cfg = ImageConfig(model=ModelConfig(name="vit-si", width=16, depth=1))
-    for key, value in TINY_VIT.items():
-        setattr(cfg.vit, key, value)
-    return build_image_model(cfg, (3, 8, 8), 3, seed)
+    return build_model(ModelConfig(name="vit-si", width=16, depth=1, options=TINY_VIT), (3, 8, 8), 3, seed)
 
 
 def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +124,7 @@ def test_schedule_steps_once_per_optimizer_step():
 
 def test_a_non_finite_step_freezes_the_non_si_parameters(nan_after):
     cfg = ImageConfig(model=ModelConfig(name="resnet18", width=2))
-    model = nan_after(build_image_model(cfg, (3, 8, 8), 3, 0), after=2)
+    model = nan_after(build_model(cfg.model, (3, 8, 8), 3, 0), after=2)
     optimizer = SplitOptimizer(model, 0.1, 0.0, free=OptimizerConfig("sgd", lr=0.1, momentum=0.9))
     for step in range(2):
         optimizer.step(*batch(step))
@@ -176,7 +176,7 @@ def test_tiny_practical_run_writes_tables_and_a_summary_without_regimes(finished
     weights = ExperimentStore(finished).shard_tensors("pretrain-d0-s0-plr000", "weights")
     assert float(weights["rho"]) == 0.0
     cfg = load_config(practical(Path("unused")))
-    model = build_image_model(cfg, (3, 16, 16), 3, 0)
+    model = build_model(cfg.model, (3, 16, 16), 3, 0)
     assert weights["swa.k1"].numel() == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -191,9 +191,9 @@ def test_report_loads_a_run_without_regimes(finished):
 def test_resume_after_one_shard_gives_identical_tables(folder, finished, tmp_path):
     cfg = load_config(practical(folder))
     first = plan_shards(cfg)[0]
-    ImageExperiment(cfg, tmp_path).run_shard(first)  # "interrupted" after one shard
+    Experiment(cfg, tmp_path).run_shard(first)  # "interrupted" after one shard
     done = (tmp_path / "shards" / first.name / "done.json").read_text()
-    ImageExperiment(cfg, tmp_path).run()
+    Experiment(cfg, tmp_path).run()
     assert (tmp_path / "shards" / first.name / "done.json").read_text() == done  # not recomputed
     for table in ("metrics", "evaluations", "geometry"):
         pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / f"{table}.parquet"),
@@ -201,8 +201,8 @@ def test_resume_after_one_shard_gives_identical_tables(folder, finished, tmp_pat
 
 
 def test_vit_si_pretrain_is_split_and_reproducible_with_dropout(folder, tmp_path):
-    cfg = load_config(practical(folder, model={"name": "vit-si", "width": 16, "depth": 1},
-                                vit={**TINY_VIT, "dropout": 0.1},
+    cfg = load_config(practical(folder, model={"name": "vit-si", "width": 16, "depth": 1,
+                                           "options": {**TINY_VIT, "dropout": 0.1}},
                                 optimizer={"name": "adam", "momentum": 0.0, "weight_decay": 1e-4,
                                            "lr_scale": 0.5},
                                 pretrain={"lrs": [0.01], "epochs": 2}, swa={"ks": [2]}))
@@ -210,14 +210,14 @@ def test_vit_si_pretrain_is_split_and_reproducible_with_dropout(folder, tmp_path
     assert shard.stage == "pretrain"
     weights = []
     for seed, run in enumerate(("a", "b")):
-        experiment = ImageExperiment(cfg, tmp_path / run)
-        assert experiment.runner.task(0.01, 1, 1.0, "pretrain", shard, 1, 1, 0, ()).optimizer.lr == 0.005
+        experiment = Experiment(cfg, tmp_path / run)
+        assert experiment.worker.task(0.01, 1, 1.0, "pretrain", shard, 1, 1, 0, ()).optimizer.lr == 0.005
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # as a fresh process would: dropout must not depend on the global RNG
             experiment.run_shard(shard)
         weights.append(experiment.store.shard_tensors(shard.name, "weights"))
     torch.testing.assert_close(weights[0]["checkpoints"], weights[1]["checkpoints"], rtol=0, atol=0)
-    model, rho = experiment.runner.make_model(0, 0)
+    model, rho = experiment.worker.make_model(0, 0)
     n_si = flatten(si_parameters(model)).numel()
     assert rho > 0 and weights[0]["checkpoints"].shape[1] > n_si
     norms = weights[0]["checkpoints"][:, :n_si].norm(dim=1)
@@ -236,25 +236,26 @@ def test_vit_si_pretrain_is_split_and_reproducible_with_dropout(folder, tmp_path
     {"schedule": {"name": "warm"}},
     {"data": {"randaugment": [2]}},
     {"data": {"randaugment": [2, 31]}},
-    {"vit": {"dropout": 1.0}},
+    {"model": {"name": "vit", "options": {"dropout": 1.0}}},
+    {"model": {"name": "resnet18", "options": {"heads": 2}}},
     {"model": {"name": "mlp-si"}},
 ])
 def test_bad_practical_configs_are_config_errors(folder, override):
     with pytest.raises(ConfigError):
-        load_config(practical(folder, **override))
+        load_experiment_config(practical(folder, **override))
 
 
 @pytest.mark.parametrize("name", ["practical-resnet18-cpu-small", "practical-resnet18-paper",
                                   "vit-small-cpu-small", "vit-small-paper"])
 def test_practical_presets_load(name):
     cfg = image_config(name)
-    assert cfg.name == name and not cfg.has_si_group
+    assert cfg.name == name and not model_entry(cfg.model.name).has_si_group
     assert cfg.schedule.name == "constant" and cfg.data.augment
 
 
 def test_model_choice_selects_the_practical_presets():
     assert image_config("cpu-small", model="resnet18").name == "practical-resnet18-cpu-small"
     vit_si = image_config("paper", model="vit-si")
-    assert vit_si.name == "vit-small-paper" and vit_si.model.name == "vit-si" and vit_si.has_si_group
+    assert vit_si.name == "vit-small-paper" and vit_si.model.name == "vit-si" and model_entry(vit_si.model.name).has_si_group
     assert vit_si.optimizer.name == "adam" and vit_si.data.randaugment == [2, 14]
     assert image_config("cpu-small", model="resnet18-si").name == "images-cpu-small"

@@ -13,7 +13,7 @@ import pytest
 
 from lrfeatures.analysis.features import sorted_importance
 from lrfeatures.config import load_config
-from lrfeatures.experiment import SyntheticExperiment
+from lrfeatures.experiments import Experiment
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ def picture(tmp_path_factory):
     cfg = load_config("synthetic-quick", ["seeds.train=[0,1]", "finetune.lrs=[3.16228e-05,0.00749894]",
                                           "finetune.iterations=3000", "swa.ks=[5]"])
     root = tmp_path_factory.mktemp("quick")
-    experiment = SyntheticExperiment(cfg, root)
+    experiment = Experiment(cfg, root)
     summary = experiment.run()
     evaluations, features = experiment.store.table("evaluations"), experiment.store.table("features")
     pretrain = evaluations[evaluations["stage"] == "pretrain"].groupby("plr")[["train_acc", "test_acc"]].mean()

@@ -22,9 +22,9 @@ import torch
 from lrfeatures.cli import main
 from lrfeatures.config import load_config
 from lrfeatures.errors import ConfigError
-from lrfeatures.executor import (FAULT_ENV, INSTALL_HINT, ExecutorConfig, ExperimentFactory, LocalExecutor,
+from lrfeatures.experiments.executor import (FAULT_ENV, INSTALL_HINT, ExecutorConfig, ExperimentFactory, LocalExecutor,
                                  RayExecutor, attempts, executor_config, run_experiment)
-from lrfeatures.experiment import TABLES, SyntheticExperiment
+from lrfeatures.experiments import Experiment
 from lrfeatures.store import ExperimentStore
 
 TINY = {
@@ -58,7 +58,7 @@ def as_overrides(train_seeds) -> list[str]:
 
 
 def assert_same_tables(a: Path, b: Path) -> None:
-    for name in TABLES:
+    for name in ("metrics", "evaluations", "features", "geometry"):  # the synthetic tables
         pd.testing.assert_frame_equal(pd.read_parquet(Path(a) / f"{name}.parquet"),
                                       pd.read_parquet(Path(b) / f"{name}.parquet"), check_exact=True, obj=name)
 
@@ -106,14 +106,14 @@ def ray_executor(**config) -> RayExecutor:
 # ----- plan and config (no Ray needed) ------------------------------------------------------
 
 def test_local_executor_is_experiment_run(local_run, tmp_path, one_thread):
-    SyntheticExperiment(tiny_config(), tmp_path).run()
+    Experiment(tiny_config(), tmp_path).run()
     assert_same_tables(local_run, tmp_path)
 
 
 @pytest.mark.parametrize("kind", ["synthetic", "images"])
 def test_every_dependency_is_planned_before_its_shard(kind, tmp_path):
     if kind == "images":
-        from lrfeatures.images_experiment import image_config
+        from lrfeatures.experiments.images import image_config
         cfg = image_config("cpu-small", ["seeds.train=[0, 1]"])
     else:
         cfg = tiny_config(train_seeds=(0, 1, 2))

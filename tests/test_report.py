@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from lrfeatures import __version__
 from lrfeatures import report
 from lrfeatures.config import load_config, to_dict
+from lrfeatures.analysis import tables
 from lrfeatures.errors import DataError
-from lrfeatures.report import (FIGURES, Regimes, load_experiment, over_seeds, plot_geometry,
+from lrfeatures.report import (FIGURES, Regimes, load_experiment, model_kinds, over_seeds, plot_geometry,
                                regime_table, swa_k_of_choice, write_report)
 from lrfeatures.store import ExperimentStore
 
@@ -54,17 +55,17 @@ def boundaries_of(plrs, regimes) -> dict:
             "2/3": between({"2", "2A", "2B"}, {"3"})}
 
 
-def make_experiment(root, regimes=REGIMES, geometry=True, diverge_plr=None, name=NAME):
+def make_experiment(root, regimes=REGIMES, geometry=True, diverge_plr=None, name=NAME, ks=KS):
     """Write a small experiment directory (config, the four tables, summary.json) following the schema."""
     cfg = load_config({"name": name, "pretrain": {"lrs": PLRS, "iterations": 1000, "ckpt_every": 100,
                                                   "log_every": 100},
                        "finetune": {"lrs": FLRS, "iterations": 200, "log_every": 100},
-                       "swa": {"ks": KS}, "seeds": {"data": [0, 1], "train": [0, 1]},
+                       "swa": {"ks": ks}, "seeds": {"data": [0, 1], "train": [0, 1]},
                        "data": {"n_features": F}})
     ExperimentStore.create(root, cfg)
     rng = np.random.default_rng(0)
     metrics, evaluations, features, geom = [], [], [], []
-    models = [("pretrain", np.nan, 0)] + [("finetune", f, 0) for f in FLRS] + [("swa", np.nan, k) for k in KS]
+    models = [("pretrain", np.nan, 0)] + [("finetune", f, 0) for f in FLRS] + [("swa", np.nan, k) for k in ks]
     for plr, regime in zip(PLRS, regimes):
         for d, t in SEEDS:
             diverged = plr == diverge_plr and (d, t) != (1, 0)  # all seeds but one diverge
@@ -91,7 +92,8 @@ def make_experiment(root, regimes=REGIMES, geometry=True, diverge_plr=None, name
                 geom.append({"data_seed": d, "train_seed": t, "plr": plr, "pair": pair,
                              "angle": (1.0 if far else 0.1) + 0.05 * rng.random(),
                              "train_barrier": (20 if far else 0.5) * rng.random(),
-                             "test_barrier": (25 if far else 0.5) * rng.random(), "swa_k": 5})
+                             "test_barrier": (25 if far else 0.5) * rng.random(),
+                             "swa_k": tables.swa_k_of_choice(ks)})  # as the geometry stage records it
     for table_name, rows in [("metrics", metrics), ("evaluations", evaluations), ("features", features)] \
             + ([("geometry", geom)] if geometry else []):
         pd.DataFrame(rows).to_parquet(root / f"{table_name}.parquet", index=False)
@@ -99,7 +101,7 @@ def make_experiment(root, regimes=REGIMES, geometry=True, diverge_plr=None, name
                 "n_seeds": len(SEEDS), "n_diverged": 2 if p == diverge_plr else 0}
                for p, r in zip(PLRS, regimes)]
     summary = {"version": "0.0.9-test", "name": name, "config": to_dict(cfg), "plrs": PLRS, "flrs": FLRS,
-               "swa_ks": KS, "regimes": {"criteria": {}, "global_best": 0.9, "per_plr": per_plr,
+               "swa_ks": ks, "regimes": {"criteria": {}, "global_best": 0.9, "per_plr": per_plr,
                                          "boundaries": boundaries_of(PLRS, regimes)},
                "per_plr": [{"plr": p, "regime": r} for p, r in zip(PLRS, regimes)]}
     (root / "summary.json").write_text(json.dumps(summary))
@@ -117,7 +119,7 @@ def check_png(path):
 
 @pytest.fixture(autouse=True)
 def low_dpi(monkeypatch):
-    monkeypatch.setattr(report, "DPI", 50)  # the same figures, drawn faster
+    monkeypatch.setattr(report.style, "DPI", 50)  # the same figures, drawn faster
 
 
 def page_of(tmp_path, **kw):
@@ -211,8 +213,22 @@ def test_over_seeds_skips_diverged_and_non_finite():
     assert stats["std"] == pytest.approx(np.std([0.8, 0.6], ddof=1))
 
 
-def test_swa_k_of_choice():
-    assert swa_k_of_choice([2, 5, 10]) == 5 and swa_k_of_choice([2, 10]) == 10 and swa_k_of_choice([]) is None
+def test_swa_k_of_choice_is_the_shared_rule():
+    assert swa_k_of_choice is tables.swa_k_of_choice
+    assert swa_k_of_choice([2, 5, 10]) == 5 and swa_k_of_choice([2, 10]) == 2 and swa_k_of_choice([]) is None
+
+
+def test_report_swa_uses_the_k_of_the_geometry(tmp_path):
+    root = make_experiment(tmp_path / "exp", ks=[2, 10])
+    exp = load_experiment(root)
+    (geometry_k,) = set(exp.geometry["swa_k"])
+    assert geometry_k == swa_k_of_choice([2, 10]) == 2
+    table = regime_table(exp)
+    assert "SWA K=2" in table.columns and "SWA K=10" not in table.columns
+    expected = over_seeds(exp.stage("swa")[exp.stage("swa")["swa_k"] == 2], ["plr"], "test_acc")
+    assert list(table["SWA K=2"].str.split().str[0]) == [f"{m:.3f}" for m in expected["mean"]]
+    swa_kinds = [kind for kind in model_kinds(exp.evaluations) if kind.stage == "swa"]
+    assert [(kind.name, kind.swa_k) for kind in swa_kinds] == [("SWA, K=2", 2)]
 
 
 @settings(max_examples=25, deadline=None)
@@ -229,3 +245,26 @@ def test_regime_runs_partition_the_labelled_grid(labels):
         assert set(inside) == {name}
         i, j = plrs.index(first), plrs.index(last)
         assert (i == 0 or labels[i - 1] != name) and (j == len(plrs) - 1 or labels[j + 1] != name)
+
+
+def test_summary_holds_the_blocks_of_registered_measurements_with_a_table(tmp_path):
+    from lrfeatures.analysis.measurements import register_measurement, unregister_measurement
+    from lrfeatures.analysis.summary import build_summary
+
+    root = make_experiment(tmp_path / "exp")
+    pd.DataFrame({"stage": "pretrain", "plr": PLRS, "value": np.arange(len(PLRS), dtype=float)}) \
+        .to_parquet(root / "fake_measure.parquet", index=False)
+    register_measurement("fake_measure", kinds=("synthetic",))(lambda ctx: None)
+    register_measurement("fake_absent", kinds=("synthetic",))(lambda ctx: None)  # no table: no block
+    register_measurement("fake_silent", kinds=("synthetic",), summarize=None)(lambda ctx: None)
+    pd.DataFrame({"plr": PLRS}).to_parquet(root / "fake_silent.parquet", index=False)
+    try:
+        summary = build_summary(ExperimentStore(root))
+    finally:
+        for name in ("fake_measure", "fake_absent", "fake_silent"):
+            unregister_measurement(name)
+    block = summary["measurements"]
+    assert "fake_absent" not in block and "fake_silent" not in block
+    assert block["fake_measure"]["rows"] == len(PLRS)
+    assert [row["value"] for row in block["fake_measure"]["per_plr"]] == list(range(len(PLRS)))
+    assert summary["per_plr"][0]["pretrain"]["test_acc"]["n"] == len(SEEDS)

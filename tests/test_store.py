@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 import lrfeatures
 from lrfeatures.config import load_config
 from lrfeatures.errors import StoreError
-from lrfeatures.protocol import Shard, SyntheticRunner
+from lrfeatures.experiments import Shard, run_shard
+from lrfeatures.experiments.synthetic import SeedChunk
 from lrfeatures.store import ExperimentStore, atomic_write_bytes, write_json, write_table
 
 
@@ -97,17 +98,16 @@ def test_abort_removes_partial_shard(tmp_path, tiny_config):
 
 
 def test_exception_inside_a_shard_leaves_nothing(tmp_path, tiny_config):
-    """SyntheticRunner.run: an error mid-shard publishes nothing and cleans its temp dir."""
+    """run_shard: an error mid-shard publishes nothing and cleans its temp dir."""
     store = ExperimentStore.create(tmp_path, tiny_config)
-    runner = SyntheticRunner(tiny_config, store)
-    shard = Shard("pretrain", 0, (0, 1))
+    shard = Shard("pretrain", SeedChunk(0, (0, 1)))
 
     def half_done(shard_, writer):
         writer.table("metrics", small_table(1))
         raise RuntimeError("power cut")
 
     with pytest.raises(RuntimeError, match="power cut"):
-        runner.run(shard, (), half_done)
+        run_shard(store, shard, half_done)
     assert not store.shard_dir(shard.name).exists()
     assert not store.is_done(shard.name)
     assert tmp_dirs(store) == []
@@ -116,9 +116,9 @@ def test_exception_inside_a_shard_leaves_nothing(tmp_path, tiny_config):
     def complete(shard_, writer):
         writer.table("metrics", small_table(2))
 
-    assert runner.run(shard, (), complete) is True
+    assert run_shard(store, shard, complete) is True
     assert store.is_done(shard.name)
-    assert runner.run(shard, (), half_done) is False  # a done shard is never recomputed
+    assert run_shard(store, shard, half_done) is False  # a done shard is never recomputed
 
 
 def test_second_commit_of_same_shard_keeps_the_first(tmp_path, tiny_config):

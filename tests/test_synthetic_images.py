@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lrfeatures.analysis.fourier import Band, BandFilter, band_accuracy, band_energy, default_bands
+from lrfeatures.fourier import Band, BandFilter, band_accuracy, band_energy, default_bands
 from lrfeatures.data.synthetic_images import (
     BandSignalConfig,
     class_patterns,

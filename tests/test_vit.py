@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from lrfeatures.config import ModelConfig
 from lrfeatures.errors import ConfigError
 from lrfeatures.models.registry import build_model, si_parameters
-from lrfeatures.models.vit import LocalitySelfAttention, ShiftedPatchTokenizer, ViT
+from lrfeatures.models.vit import LocalitySelfAttention, ShiftedPatchTokenizer, ViT, ViTOptions
 
 SMALL = dict(dim=32, depth=2, heads=2, dim_head=8, mlp_dim=48)
 
@@ -70,6 +70,30 @@ def test_build_is_seeded_and_outputs_have_the_right_shapes():
     assert a(torch.rand(5, 1, 16, 16)).shape == (5, 7)
     binary = build_model(ModelConfig(name="vit", width=32, depth=1), (3, 32, 32), 1, seed=0)
     assert binary(torch.rand(4, 3, 32, 32)).shape == (4,)
+
+
+@pytest.mark.parametrize("name", ["vit", "vit-si"])
+def test_build_model_with_options_is_a_direct_vit_construction_under_the_same_seed(name):
+    options = {"heads": 2, "dim_head": 8, "mlp_dim": 24, "patch": 2, "dropout": 0.2, "emb_dropout": 0.0}
+    cfg = ModelConfig(name=name, width=16, depth=2, norm_eps=1e-6, options=options)
+    built = build_model(cfg, (3, 16, 12), 10, seed=11)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        direct = ViT((16, 12), 3, 10, dim=16, depth=2, **options, scale_invariant=name == "vit-si",
+                     norm_eps=1e-6)
+    assert repr(built) == repr(direct)
+    got, want = built.state_dict(), direct.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert built.blocks[0].ff.drop.p == 0.2 and built.emb_drop.p == 0.0
+
+
+def test_default_options_are_the_vits_own_defaults():
+    assert ViTOptions() == ViTOptions(heads=8, dim_head=64, mlp_dim=512, patch=4, dropout=0.1, emb_dropout=0.1)
+    built = build_model(ModelConfig(name="vit", width=32, depth=1), (3, 32, 32), 10, seed=2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        direct = ViT((32, 32), 3, 10, dim=32, depth=1, norm_eps=ModelConfig().norm_eps)
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), direct.state_dict().values()))
 
 
 def test_bad_shapes_raise_config_error():

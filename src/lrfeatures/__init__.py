@@ -1,3 +1,3 @@
 """lrfeatures: how the initial learning rate shapes what a neural network learns."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

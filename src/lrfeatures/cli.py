@@ -1,8 +1,9 @@
 """Command line: a thin layer that parses, loads configs and calls the experiment and report.
 
     lrfeatures synthetic [--preset quick|paper|FILE] [--out DIR] [--set a.b=v ...]
-    lrfeatures images [--dataset cifar10|cifar100|folder:PATH] [--model convnet-si|resnet18-si|resnet18|vit|vit-si]
+    lrfeatures images [--dataset NAME|folder:PATH|tinyimagenet:PATH] [--model NAME]
                       [--preset cpu-small|paper|FILE] [--out DIR] [--set a.b=v ...]
+    lrfeatures run CONFIG.toml [--out DIR] [--set a.b=v ...]       (any registered experiment kind)
     lrfeatures fourier DIR [--normalization train|none|train_background_only|train_additive]
                            [--device DEV]
     lrfeatures report DIR
@@ -53,10 +54,17 @@ def add_executor_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
+    """The argument parser of every subcommand (model and data set choices come from the registries)."""
+    from .data.registry import image_dataset_names
+    from .models import model_names
+
     parser = argparse.ArgumentParser(prog="lrfeatures", description=__doc__.split("\n")[0],
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"lrfeatures {__version__}")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first, so the models, data sets, measurements or experiment kinds it "
+                        "registers can be used (repeatable; also $LRFEATURES_PLUGINS, comma-separated, and the "
+                        "'lrfeatures.plugins' entry points of installed packages)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     syn = sub.add_parser("synthetic", help="pretrain -> finetune -> SWA -> features on the tick data",
@@ -73,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     img = sub.add_parser("images", help="pretrain -> finetune -> SWA -> geometry on CIFAR or an image folder",
                          description="Run the image experiment (SPEC §4, §6) and write its report.")
-    img.add_argument("--dataset", help="cifar10 | cifar100 | folder:PATH (default: the preset's)")
-    img.add_argument("--model", choices=["convnet-si", "resnet18-si", "resnet18", "vit", "vit-si"],
-                     help="default: the preset's (resnet18, vit: the practical setting, SPEC §4)")
+    img.add_argument("--dataset", help=f"{' | '.join(image_dataset_names())} (default: the preset's)")
+    img.add_argument("--model", choices=model_names("image"),
+                     help="default: the preset's (models without an SI group: the practical setting, SPEC §4)")
     img.add_argument("--preset", default="cpu-small", help="cpu-small | paper | a full preset name such as "
                      "practical-resnet18-cpu-small or vit-small-paper | a TOML file (default: cpu-small)")
     img.add_argument("--out", help="experiment directory (default: runs/<preset name>)")
@@ -102,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     fou.add_argument("--no-report", action="store_true", help="skip figures and report.html")
     fou.add_argument("--quiet", action="store_true", help="no progress lines")
 
+    run = sub.add_parser("run", help="run an experiment of any registered kind from a config file",
+                         description="Run the experiment a config (preset name or TOML file) describes; its "
+                         "`kind` field picks the recipe.")
+    run.add_argument("config", help="a preset name or a TOML file with a `kind` field")
+    run.add_argument("--out", help="experiment directory (default: runs/<config name>)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                     help="override any config field (repeatable)")
+    run.add_argument("--no-report", action="store_true", help="skip figures and report.html")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_executor_flags(run)
+
     rep = sub.add_parser("report", help="redraw figures and report.html of an experiment from its store")
     rep.add_argument("dir", help="experiment directory")
 
@@ -111,36 +130,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_synthetic(args: argparse.Namespace) -> int:
     """`lrfeatures synthetic`."""
-    from .config import load_config
+    from .experiments import load_experiment_config
 
     overrides = list(args.overrides)
     if args.engine:
         overrides.append(f"engine.name={args.engine}")
     if args.device:
         overrides.append(f"engine.device={args.device}")
-    cfg = load_config(preset_source("synthetic", args.preset), overrides, kind="synthetic")
-    out = Path(args.out or Path("runs") / cfg.name)
-    run_on_executor(args, cfg, out)
-    print(f"results: {out}")
-    if not args.no_report:
-        print(f"report: {write_report_checked(out)}")
-    return 0
+    cfg = load_experiment_config(preset_source("synthetic", args.preset), overrides, kind="synthetic")
+    return run_and_report(args, cfg)
 
 
 def run_images(args: argparse.Namespace) -> int:
     """`lrfeatures images`."""
-    from .images_experiment import image_config
+    from .experiments.images import image_config
 
     cfg = image_config(args.preset, args.overrides, dataset=args.dataset, model=args.model,
                        device=args.device, data_root=args.data_root)
+    return run_and_report(args, cfg)
+
+
+def run_config(args: argparse.Namespace) -> int:
+    """`lrfeatures run`: any registered experiment kind, chosen by the config's `kind` field."""
+    from .experiments import load_experiment_config
+
+    return run_and_report(args, load_experiment_config(args.config, args.overrides))
+
+
+def run_and_report(args: argparse.Namespace, cfg) -> int:
+    """Run every pending shard, then write the report (a figure problem never hides saved results)."""
     out = Path(args.out or Path("runs") / cfg.name)
     run_on_executor(args, cfg, out)
     print(f"results: {out}")
     if not args.no_report:
         try:
-            from . import report
-            if hasattr(report, "write_report"):
-                print(f"report: {report.write_report(out)}")
+            print(f"report: {write_report_checked(out, cfg.kind)}")
+        except LrfError:
+            raise
         except Exception as err:  # noqa: BLE001  (the results are saved; a figure problem must not hide them)
             print(f"lrfeatures: warning: report not written ({type(err).__name__}: {err}); "
                   f"try `lrfeatures report {out}` later", file=sys.stderr)
@@ -149,7 +175,8 @@ def run_images(args: argparse.Namespace) -> int:
 
 def run_fourier(args: argparse.Namespace) -> int:
     """`lrfeatures fourier`."""
-    from .analysis.bands import BandsConfig, band_means, print_progress, run_bands
+    from .analysis.bands import BandsConfig, band_means
+    from .experiments.bands import print_progress, run_bands
 
     bands_cfg = BandsConfig(device=args.device or "")
     bands_cfg.normalization = args.normalization or bands_cfg.normalization
@@ -166,31 +193,58 @@ def run_fourier(args: argparse.Namespace) -> int:
 
 def run_on_executor(args: argparse.Namespace, cfg, out: Path) -> dict:
     """Run every pending shard of the experiment on the chosen executor (local: experiment.run())."""
-    from .executor import ExperimentFactory, make_executor, run_experiment
+    from .experiments.executor import ExperimentFactory, make_executor, run_experiment
 
     executor = make_executor(args.executor, cfg, args.ray_address, args.cpus_per_shard, args.gpus_per_shard)
     return run_experiment(ExperimentFactory(cfg, out), executor, quiet=args.quiet)
 
 
-def write_report_checked(out: Path) -> Path:
-    """Write figures and report.html."""
-    from .report import write_report
+def write_report_checked(out: Path, kind: str | None = None) -> Path:
+    """Write figures and report.html (the experiment kind's own report)."""
+    from .experiments import recipe_for
+    from .store import ExperimentStore
 
-    return write_report(out)
+    return recipe_for(kind or ExperimentStore(out).config().kind).report(Path(out))
+
+
+def load_plugins(names: list[str]) -> None:
+    """Import the user's extension modules: --plugin, $LRFEATURES_PLUGINS and installed entry points."""
+    import importlib
+    import os
+    from importlib.metadata import entry_points
+
+    names = names + [n.strip() for n in os.environ.get("LRFEATURES_PLUGINS", "").split(",") if n.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise LrfError(f"--plugin {name!r} cannot be imported ({err}); give an importable module name "
+                           "(on PYTHONPATH or installed)") from None
+    for point in entry_points(group="lrfeatures.plugins"):
+        point.load()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: errors a user can fix are one line on stderr and exit code 2."""
+    # Plugins first: the models and data sets they register are choices of the full parser.
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--plugin", action="append", default=[])
+    try:
+        load_plugins(early.parse_known_args(argv)[0].plugin)
+    except LrfError as err:
+        print(f"lrfeatures: error: {err}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         if args.command == "synthetic":
             return run_synthetic(args)
         if args.command == "images":
             return run_images(args)
+        if args.command == "run":
+            return run_config(args)
         if args.command == "fourier":
             return run_fourier(args)
         if args.command == "report":
-            from . import images_experiment  # noqa: F401  (registers the "images" config kind)
             from .store import ExperimentStore
             ExperimentStore(args.dir).config()  # a clear error if DIR is not an experiment
             print(f"report: {write_report_checked(Path(args.dir))}")

@@ -169,11 +169,11 @@ class ExperimentStore:
             return []
         return sorted(p.name for p in self.shards_dir.iterdir() if (p / "done.json").is_file())
 
-    def clean_partial(self) -> None:
-        """Remove temporary directories left by interrupted shards older than a minute."""
+    def clean_partial(self, prefix: str = "") -> None:
+        """Remove temporary directories (of shards named `prefix`...) left by interrupted shards older than a minute."""
         if not self.shards_dir.is_dir():
             return
-        for path in self.shards_dir.glob(".tmp-*"):
+        for path in self.shards_dir.glob(f".tmp-{prefix}*"):
             if time.time() - path.stat().st_mtime > 60:
                 shutil.rmtree(path, ignore_errors=True)
 

@@ -1,7 +1,7 @@
 """Band importance of every model of an image experiment (SPEC §5): test accuracy per Fourier band.
 
 For each model of an image experiment (pre-trained, fine-tuned per FLR, SWA per K; every data
-seed, training seed and PLR) the test images are split into the default bands (analysis/fourier.py)
+seed, training seed and PLR) the test images are split into the default bands (lrfeatures/fourier.py)
 and the model is evaluated on
     keep    only one band kept, every other DFT coefficient zeroed;
     remove  one band zeroed, the rest kept (the image minus its keep-band image).
@@ -22,7 +22,7 @@ Normalization of band images (`normalization`, recorded in every row; see fourie
                              image sits on the training mean colour instead of on black).
 
 Work is split per (data seed, training seed, PLR) into store shards named
-`bands-<normalization>-d<D>-s<S>-plr<III>`, so a run resumes and several processes (or machines
+`bands-<normalization>-d<D>-s<S>-plr<III>` (the bands recipe, experiments/bands.py), so a run resumes and several processes (or machines
 sharing the directory) can share it: a shard is published atomically, and if two processes
 happen to compute the same one the first to finish is kept. The shards are merged into
 DIR/bands.parquet (one row per model x mode x band):
@@ -33,15 +33,9 @@ Each shard also stores the first test image (`example.safetensors`) for the repo
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-import shutil
-import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -50,15 +44,15 @@ from torch import nn
 
 from ..engine.images import amp_context
 from ..errors import ConfigError, DataError
+from ..fourier import MODES, NORMALIZATIONS, Band, BandFilter, normalize_band_images
 from ..store import ExperimentStore, write_json
-from .fourier import MODES, NORMALIZATIONS, Band, BandFilter, normalize_band_images
+from .measurements import register_measurement
+from .tables import KEY_COLUMNS, mean_std
 
 BAND_NORMALIZATIONS = NORMALIZATIONS + ("train_additive",)
 
 TABLE = "bands"
-SHARD_PREFIX = "bands-"
-KEYS = ["stage", "data_seed", "train_seed", "plr", "flr", "swa_k"]
-COLUMNS = KEYS + ["mode", "band", "band_lo", "band_hi", "normalization", "accuracy", "diverged"]
+COLUMNS = KEY_COLUMNS + ["mode", "band", "band_lo", "band_hi", "normalization", "accuracy", "diverged"]
 
 
 @dataclass
@@ -79,11 +73,6 @@ class BandsConfig:
                               f"{', '.join(BAND_NORMALIZATIONS)}")
         if self.chunk_size < 0:
             raise ConfigError(f"chunk_size={self.chunk_size} must be >= 0 (0 = engine.eval_batch_size)")
-
-
-def shard_name(normalization: str, data_seed: int, train_seed: int, plr_index: int) -> str:
-    """Store shard of one PLR's band accuracies under one normalization."""
-    return f"{SHARD_PREFIX}{normalization}-d{data_seed}-s{train_seed}-plr{plr_index:03d}"
 
 
 # ---------------------------------------------------------------- evaluation core
@@ -141,166 +130,40 @@ def band_correct(models: list[nn.Module], images: torch.Tensor, labels: torch.Te
     return correct
 
 
-# ---------------------------------------------------------------- models of one PLR
+# ---------------------------------------------------------------- one PLR's table
 
-def _image_runner(store: ExperimentStore, cfg, device: str):
-    """An ImageRunner on `device` (the store's config is not rewritten: the device is not its identity)."""
-    from ..images_experiment import ImageRunner
-
-    if device:
-        cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, device=device))
-    return ImageRunner(cfg, store)
-
-
-def _diverged_flags(store: ExperimentStore, shards: list[str]) -> pd.DataFrame:
-    tables = [store.shard_table(s, "evaluations")[KEYS + ["diverged"]] for s in shards]
-    return pd.concat(tables, ignore_index=True)
-
-
-def plr_models(runner, shard) -> tuple[list[dict[str, Any]], list[nn.Module]]:
-    """Key rows and eval-mode models (PT, FT per FLR, SWA per K) of one (data seed, training seed, PLR).
-
-    `shard` is the experiment's pretrain ImageShard of that PLR.
-    """
-    from ..images_experiment import key_row, stages, unprefixed
-
-    cfg, store = runner.cfg, runner.store
-    needed = [shard.upstream(s) for s in stages(cfg) if s != "analyze"]
-    missing = [s.name for s in needed if not store.is_done(s.name)]
-    if missing:
-        raise DataError(f"{store.root}: shard {missing[0]} is not finished; run the `lrfeatures images` "
-                        "command of this experiment again (same --out) to finish it first")
-    plr = cfg.pretrain.lrs[shard.plr_index]
-    pretrained = runner.weights(shard, "pretrain")
-    keys, models = [], []
-    model, _ = runner.make_model(shard.data_seed, shard.train_seed)
-    model.load_state_dict(unprefixed("final.", pretrained))
-    keys.append(key_row("pretrain", shard, plr))
-    models.append(model.eval())
-    if "finetune" in stages(cfg):
-        finetuned = runner.weights(shard, "finetune")
-        for j, flr in enumerate(cfg.finetune.lrs):
-            model, _ = runner.make_model(shard.data_seed, shard.train_seed)
-            model.load_state_dict(unprefixed(f"flr{j}.", finetuned))
-            keys.append(key_row("finetune", shard, plr, flr))
-            models.append(model.eval())
-    for k in cfg.swa.ks:  # averaged weights at norm rho, BN recomputed on the training set
-        keys.append(key_row("swa", shard, plr, swa_k=k))
-        models.append(runner.swa_model(shard, k, pretrained).eval())
-    flags = _diverged_flags(store, [s.name for s in needed])
-    for row in keys:
-        match = flags[(flags["stage"] == row["stage"]) & np.isclose(flags["plr"], plr)
-                      & (flags["flr"].isna() if math.isnan(row["flr"]) else np.isclose(flags["flr"], row["flr"]))
-                      & (flags["swa_k"] == row["swa_k"])]
-        row["diverged"] = bool(match["diverged"].any()) if len(match) else False
-    return keys, models
-
-
-def plr_band_table(runner, shard, bands_cfg: BandsConfig) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
-    """The bands rows of one PLR's models, and the example test image stored with them."""
-    data = runner.data(shard.data_seed)
-    keys, models = plr_models(runner, shard)
+def band_table(keys: list[dict[str, Any]], models: list[nn.Module], data, bands_cfg: BandsConfig,
+               eval_batch_size: int, bf16: bool = False, channels_last: bool = False) -> pd.DataFrame:
+    """The bands rows of some models (key rows with a `diverged` flag) on the test images of `data`."""
     height, width = data.test_x.shape[-2:]
     band_filter = BandFilter(height, width)
-    engine = runner.cfg.engine
     correct = band_correct(models, data.test_x, data.test_y, band_filter, bands_cfg.normalization, data.mean,
-                           data.std, bands_cfg.chunk_size or engine.eval_batch_size, engine.eval_batch_size,
-                           runner.bf16, runner.channels_last)
+                           data.std, bands_cfg.chunk_size or eval_batch_size, eval_batch_size, bf16, channels_last)
     accuracy = (correct.double() / len(data.test_y)).cpu().numpy()
     rows = []
     for i, key in enumerate(keys):
         for m, mode in enumerate(MODES):
             for b, band in enumerate(band_filter.bands):
-                rows.append({**{k: key[k] for k in KEYS}, "mode": mode, "band": band.name, "band_lo": band.lo,
-                             "band_hi": band.hi, "normalization": bands_cfg.normalization,
+                rows.append({**{k: key[k] for k in KEY_COLUMNS}, "mode": mode, "band": band.name,
+                             "band_lo": band.lo, "band_hi": band.hi, "normalization": bands_cfg.normalization,
                              "accuracy": float(accuracy[i, m, b]), "diverged": key["diverged"]})
-    example = {"image": data.test_x[0].cpu(), "label": data.test_y[0:1].cpu()}
-    return pd.DataFrame(rows, columns=COLUMNS), example
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 
-# ---------------------------------------------------------------- experiment level
-
-def open_image_experiment(root: str | Path) -> tuple[ExperimentStore, Any]:
-    """The store and config of an image experiment; ConfigError for any other kind."""
-    from .. import images_experiment  # noqa: F401  (registers the "images" config kind)
-
-    store = ExperimentStore(root)
-    cfg = store.config()
-    if getattr(cfg, "kind", None) != "images":
-        raise ConfigError(f"{store.root} is a {getattr(cfg, 'kind', 'unknown')} experiment; band accuracy "
-                          "needs an image experiment (run `lrfeatures images` first)")
-    return store, cfg
-
-
-def pending_shards(root: str | Path, bands_cfg: BandsConfig | None = None) -> list[str]:
-    """Band shards not yet computed under this normalization."""
-    bands_cfg = bands_cfg or BandsConfig()
-    store, cfg = open_image_experiment(root)
-    from ..images_experiment import plan_shards
-
-    names = [shard_name(bands_cfg.normalization, s.data_seed, s.train_seed, s.plr_index)
-             for s in plan_shards(cfg) if s.stage == "pretrain"]
-    return [n for n in names if not store.is_done(n)]
-
-
-def clean_partial_bands(store: ExperimentStore, age_s: float = 60.0) -> None:
-    """Remove temporary band shards left by an interrupted write (never another stage's in-progress shard)."""
-    for path in store.shards_dir.glob(f".tmp-{SHARD_PREFIX}*"):
-        if time.time() - path.stat().st_mtime > age_s:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def run_bands(root: str | Path, bands_cfg: BandsConfig | None = None,
-              progress: Callable[[str], None] | None = None) -> pd.DataFrame:
-    """Compute every missing band shard of an image experiment, merge bands.parquet, update summary.json."""
-    from ..images_experiment import plan_shards
-
-    bands_cfg = bands_cfg or BandsConfig()
-    bands_cfg.validate()
-    store, cfg = open_image_experiment(root)
-    clean_partial_bands(store)
-    runner = _image_runner(store, cfg, bands_cfg.device)
-    threads = torch.get_num_threads()
-    if cfg.engine.threads:
-        torch.set_num_threads(cfg.engine.threads)
-    try:
-        for shard in (s for s in plan_shards(cfg) if s.stage == "pretrain"):
-            name = shard_name(bands_cfg.normalization, shard.data_seed, shard.train_seed, shard.plr_index)
-            if store.is_done(name):
-                continue
-            started = time.time()
-            table, example = plr_band_table(runner, shard, bands_cfg)
-            writer = store.writer(name)
-            try:
-                writer.table(TABLE, table)
-                writer.tensors("example", example)
-                writer.commit({"seconds": time.time() - started, "device": str(runner.device),
-                               "normalization": bands_cfg.normalization})
-            except BaseException:
-                writer.abort()
-                raise
-            if progress:
-                progress(name)
-    finally:
-        torch.set_num_threads(threads)
-    table = store.merge_table(TABLE)
-    update_summary(store)
-    return table
+@register_measurement("bands", kinds=("images",), summarize=None, automatic=False)
+def band_importance(ctx: Any) -> pd.DataFrame:
+    """Keep- and remove-band test accuracy of one PLR's models (run by `lrfeatures fourier`)."""
+    keys, models = ctx.models()
+    engine = ctx.cfg.engine
+    return band_table(keys, models, ctx.data, ctx.options, engine.eval_batch_size, ctx.runner.bf16,
+                      ctx.runner.channels_last)
 
 
 # ---------------------------------------------------------------- summaries
 
-def _mean_std(values: pd.Series) -> dict[str, float | None]:
-    values = values.astype(float).dropna()
-    mean = float(values.mean()) if len(values) else math.nan
-    std = float(values.std(ddof=1)) if len(values) > 1 else math.nan
-    return {"mean": mean if math.isfinite(mean) else None, "std": std if math.isfinite(std) else None,
-            "n": int(len(values))}
-
-
 def _per_mode(group: pd.DataFrame) -> dict[str, dict[str, dict]]:
     group = group[~group["diverged"].astype(bool)]
-    return {mode: {band: _mean_std(rows["accuracy"]) for band, rows in at_mode.groupby("band", sort=False)}
+    return {mode: {band: mean_std(rows["accuracy"]) for band, rows in at_mode.groupby("band", sort=False)}
             for mode, at_mode in group.groupby("mode", sort=False)}
 
 
@@ -353,8 +216,3 @@ def band_means(table: pd.DataFrame, stage: str = "pretrain", mode: str = "keep",
     order = table.drop_duplicates("band").sort_values("band_lo")["band"].tolist()
     means = rows.pivot_table(index="plr", columns="band", values="accuracy", aggfunc="mean")
     return means[[b for b in order if b in means.columns]]
-
-
-def print_progress(name: str) -> None:
-    """Default progress line for the CLI."""
-    print(f"bands: {name} done", file=sys.stderr, flush=True)

@@ -29,7 +29,8 @@ import torch
 
 from lrfeatures.errors import DataError
 
-MODEL_KEYS = ["stage", "data_seed", "train_seed", "plr", "flr", "swa_k"]
+from .tables import KEY_COLUMNS
+
 GROUP_KEYS = ["stage", "plr", "flr", "swa_k"]
 
 
@@ -82,22 +83,22 @@ def sparsity_index(acc, chance: float = 0.5, tol: float = 1e-3, floor: float = 0
 
 def _per_model_matrix(features_df: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
     """(one row of keys per model, accuracies [models, F] ordered by feature index)."""
-    missing = [c for c in MODEL_KEYS + ["feature", "accuracy"] if c not in features_df]
+    missing = [c for c in KEY_COLUMNS + ["feature", "accuracy"] if c not in features_df]
     if missing:
         raise DataError(f"features table lacks columns {missing}; "
                         "pass the features.parquet table written by the store")
     if features_df.empty:
         raise DataError("features table is empty; run the feature probes before summarising")
-    table = features_df.sort_values(MODEL_KEYS + ["feature"], na_position="last",
+    table = features_df.sort_values(KEY_COLUMNS + ["feature"], na_position="last",
                                     kind="stable", ignore_index=True)
     num_features = int(table["feature"].max()) + 1
-    sizes = table.groupby(MODEL_KEYS, dropna=False, sort=False).size()
+    sizes = table.groupby(KEY_COLUMNS, dropna=False, sort=False).size()
     expected = np.tile(np.arange(num_features), len(sizes))
     if (sizes != num_features).any() or len(table) != len(expected) \
             or not np.array_equal(table["feature"].to_numpy(), expected):
         raise DataError(f"features table must hold features 0..{num_features - 1} exactly once "
                         "per model; re-run the feature probes for the incomplete models")
-    keys = table.iloc[::num_features][MODEL_KEYS].reset_index(drop=True)
+    keys = table.iloc[::num_features][KEY_COLUMNS].reset_index(drop=True)
     return keys, table["accuracy"].to_numpy(np.float64).reshape(-1, num_features)
 
 
@@ -118,11 +119,11 @@ def feature_table_summary(features_df: pd.DataFrame, evaluations_df: pd.DataFram
     per_model["n_eff"] = effective_num_features(acc, chance, tol, floor)
     per_model["sparsity"] = sparsity_index(acc, chance, tol, floor)
     if evaluations_df is not None:
-        if "test_acc" not in evaluations_df or any(c not in evaluations_df for c in MODEL_KEYS):
+        if "test_acc" not in evaluations_df or any(c not in evaluations_df for c in KEY_COLUMNS):
             raise DataError("evaluations table lacks test_acc or key columns; "
                             "pass the evaluations.parquet table written by the store")
-        tests = evaluations_df[MODEL_KEYS + ["test_acc"]].drop_duplicates(MODEL_KEYS, keep="last")
-        per_model = per_model.merge(tests, on=MODEL_KEYS, how="left")  # NaN keys match NaN
+        tests = evaluations_df[KEY_COLUMNS + ["test_acc"]].drop_duplicates(KEY_COLUMNS, keep="last")
+        per_model = per_model.merge(tests, on=KEY_COLUMNS, how="left")  # NaN keys match NaN
     else:
         per_model["test_acc"] = np.nan
 

@@ -1,21 +1,22 @@
-"""Measurements on trained weights: single-feature probe accuracies and minima geometry.
+"""The synthetic experiment's measurements: single-feature probe accuracies and minima geometry.
 
-Both take an `evaluate(theta, frozen, x, y) -> (loss [M], accuracy [M])` function, so they
-work for any model family the engine can evaluate; they never train.
+Both read the shard's solutions through a `SyntheticAnalysis` context (lrfeatures.experiments)
+and its `evaluate(theta, frozen, x, y) -> (loss [M], accuracy [M])`, so they work for any model
+family the engine can evaluate; they never train.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import pandas as pd
 import torch
 
 from .geometry import angular_distance, error_barrier, interpolation_path
+from .measurements import register_measurement
+from .tables import GEOMETRY_PAIRS, GEOMETRY_POINTS, swa_k_of_choice
 
 Evaluate = Callable[[torch.Tensor, dict, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-GEOMETRY_POINTS = 21  # points on each linear interpolation path (SPEC §6)
-GEOMETRY_PAIRS = ("ft_low-ft_high", "swa-ft_high", "swa-ft_low")
 
 
 def feature_table(evaluate: Evaluate, keys: pd.DataFrame, weights: torch.Tensor, frozen: dict,
@@ -26,11 +27,6 @@ def feature_table(evaluate: Evaluate, keys: pd.DataFrame, weights: torch.Tensor,
         accuracy = evaluate(weights, frozen, x_probe[feature], y_probe[feature])[1]
         tables.append(keys.assign(feature=feature, accuracy=accuracy.cpu().numpy()))
     return pd.concat(tables, ignore_index=True)
-
-
-def geometry_swa_k(ks: list[int]) -> int:
-    """The SWA K used for geometry: 5 as in the paper, else the nearest available."""
-    return min(ks, key=lambda k: (abs(k - 5), k))
 
 
 def geometry_table(evaluate: Evaluate, keys: pd.DataFrame, ft_low: torch.Tensor, ft_high: torch.Tensor,
@@ -50,3 +46,27 @@ def geometry_table(evaluate: Evaluate, keys: pd.DataFrame, ft_low: torch.Tensor,
                                        for q in range(errors.shape[1])]
         rows.append(row)
     return pd.concat(rows, ignore_index=True)
+
+
+@register_measurement("features", kinds=("synthetic",), summarize=None)
+def single_feature_accuracy(ctx: Any) -> pd.DataFrame:
+    """Accuracy of every final model on each single-feature probe set."""
+    return pd.concat([feature_table(ctx.evaluate, keys, weights, frozen, ctx.data.x_probe, ctx.data.y_probe)
+                      for keys, weights, frozen in ctx.solutions], ignore_index=True)
+
+
+@register_measurement("geometry", kinds=("synthetic",), summarize=None)
+def synthetic_geometry(ctx: Any) -> pd.DataFrame | None:
+    """Angles and error barriers of FT-low, FT-high and SWA (SPEC §6); None without fine-tuning."""
+    cfg, data, solutions = ctx.cfg, ctx.data, ctx.solutions
+    flrs = cfg.finetune.lrs
+    if not flrs:
+        return None
+    pretrain_keys, _, frozen = solutions[0]
+    finetuned = solutions[-1][1].view(len(pretrain_keys), len(flrs), -1)
+    low, high = finetuned[:, flrs.index(min(flrs))], finetuned[:, flrs.index(max(flrs))]
+    k = swa_k_of_choice(cfg.swa.ks)
+    swa = solutions[1 + cfg.swa.ks.index(k)][1]
+    model_rows = pretrain_keys[["data_seed", "train_seed", "plr"]].assign(swa_k=k)
+    return geometry_table(ctx.evaluate, model_rows, low, high, swa, frozen,
+                          {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)})

@@ -11,10 +11,11 @@ Per pre-training run (one PLR, one (data_seed, train_seed)), over its logged ste
                   to grad_norm where it is missing);
   descent_ratio = tail_train_loss / mean train loss over mid.
 Post-training quality: the test accuracy of every fine-tuned model with FLR <= flr_ratio x PLR
-(when `finetune_below_plr_only`; an FLR at or near the PLR keeps bouncing and is not fine-tuning) and of the SWA models with K in
-`swa_ks` (None: the K nearest 5, as in the paper's geometry: a 2-checkpoint average is
-still the bouncing pre-trained model, and a very long average at a large PLR mixes far-apart
-points of the trajectory). A diverged model counts as chance. Each such model is a "variant".
+(when `finetune_below_plr_only`; an FLR at or near the PLR keeps bouncing and is not fine-tuning)
+and of the SWA models with K in `swa_ks` (None: the K of `tables.swa_k_of_choice`, 5 or the
+nearest, as the geometry uses: a 2-checkpoint average is still the bouncing pre-trained model,
+and a very long average at a large PLR mixes far-apart points of the trajectory). A diverged
+model counts as chance. Each such model is a "variant".
 
 Regime vote, in this order:
   "3" if the run diverged (non-finite loss can be neither convergence nor equilibrium);
@@ -58,7 +59,8 @@ import pandas as pd
 
 from lrfeatures.errors import ConfigError, DataError
 
-RUN_KEYS = ["plr", "data_seed", "train_seed"]
+from .tables import RUN_KEYS, swa_k_of_choice
+
 BOUNDARY_NAMES = ("1/2", "2A/2B", "2/3")
 NO_REGIME_REASON = ("training regimes are defined for an SI group trained on the sphere at a fixed effective "
                     "LR (SPEC §1-2); this model has no SI group, so no regime is assigned")
@@ -197,9 +199,7 @@ def variant_accuracies(evaluations: pd.DataFrame | None, criteria: RegimeCriteri
         finetune = finetune[finetune["flr"] <= criteria.flr_ratio * finetune["plr"]]
     swa = evaluations[evaluations["stage"] == "swa"]
     if criteria.swa_ks is None:
-        if len(swa):
-            nearest = min(swa["swa_k"].unique(), key=lambda k: (abs(k - 5), k))
-            swa = swa[swa["swa_k"] == nearest]
+        swa = swa[swa["swa_k"] == swa_k_of_choice(swa["swa_k"].unique())]
     else:
         swa = swa[swa["swa_k"].isin(criteria.swa_ks)]
     finetune = finetune.assign(variant="flr=" + finetune["flr"].map(repr))

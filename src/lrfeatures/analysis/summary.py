@@ -15,30 +15,21 @@ import pandas as pd
 
 from .. import __version__
 from ..config import to_dict
+from ..models.registry import model_entry
 from ..store import ExperimentStore, write_json
 from .features import SUMMARY_TOL, feature_table_summary, noise_floor
+from .measurements import MEASUREMENTS, measurement_blocks
 from .regimes import NO_REGIME_REASON, RegimeCriteria, detect_regimes
-
-
-def mean_std(values: pd.Series) -> dict[str, float | None]:
-    """Mean and sample std over seeds."""
-    values = values.astype(float)
-    return {"mean": clean(values.mean()), "std": clean(values.std(ddof=1)) if len(values) > 1 else None}
+from .tables import clean, mean_std
 
 
 def quantiles(values: pd.Series) -> dict[str, float | None]:
     """Median, quartiles, mean and std (for barriers, which are skewed)."""
     values = values.astype(float).dropna()
     if values.empty:
-        return {"median": None, "q25": None, "q75": None, "mean": None, "std": None}
+        return {"median": None, "q25": None, "q75": None, **mean_std(values)}
     return {"median": clean(values.median()), "q25": clean(values.quantile(0.25)),
             "q75": clean(values.quantile(0.75)), **mean_std(values)}
-
-
-def clean(value: Any) -> float | None:
-    """A JSON-safe float (None for NaN/inf)."""
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 def stage_block(evaluations: pd.DataFrame, feature_stats: pd.DataFrame | None) -> dict[str, Any]:
@@ -63,6 +54,17 @@ def dataset_info(store: ExperimentStore, cfg: Any) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
+def measurement_tables(store: ExperimentStore) -> dict[str, pd.DataFrame]:
+    """The merged table DIR/<name>.parquet of every registered measurement that has one and a summary block."""
+    return {name: store.table(name) for name, measurement in MEASUREMENTS.items()
+            if measurement.summarize is not None and (store.root / f"{name}.parquet").is_file()}
+
+
+def has_si_group(cfg: Any) -> bool:
+    """Whether the experiment's model trains an SI group on the sphere (regimes are defined)."""
+    return model_entry(cfg.model.name).has_si_group
+
+
 def build_summary(store: ExperimentStore) -> dict[str, Any]:
     """The summary of a finished experiment, from its merged tables."""
     cfg = store.config()
@@ -75,13 +77,14 @@ def build_summary(store: ExperimentStore) -> dict[str, Any]:
     info = dataset_info(store, cfg)
     # Chance is 0.5 for the binary synthetic task, 1/classes for images.
     criteria = RegimeCriteria(chance=1.0 / info["num_classes"]) if info else RegimeCriteria()
-    if getattr(cfg, "has_si_group", True):
+    if has_si_group(cfg):
         report = detect_regimes(metrics[metrics["stage"] == "pretrain"], evaluations, criteria)
         regimes, regime_of = report.to_json(), dict(zip(report.per_plr["plr"], report.per_plr["regime"]))
     else:  # regimes exist only on the sphere: a model without an SI group gets none
         regimes, regime_of = {"defined": False, "reason": NO_REGIME_REASON}, {}
 
     def stats_for(stage: str, plr: float, flr: float = math.nan, k: int = 0):
+        """The feature statistics of one model group (None when the experiment has no features)."""
         if feature_stats is None:
             return None
         mask = (feature_stats["stage"] == stage) & np.isclose(feature_stats["plr"], plr) & (feature_stats["swa_k"] == k)
@@ -107,7 +110,8 @@ def build_summary(store: ExperimentStore) -> dict[str, Any]:
         per_plr.append(entry)
     summary = {"version": __version__, "name": cfg.name, "config": to_dict(cfg),
                "plrs": list(cfg.pretrain.lrs), "flrs": list(cfg.finetune.lrs), "swa_ks": list(cfg.swa.ks),
-               "regimes": regimes, "per_plr": per_plr}
+               "regimes": regimes, "per_plr": per_plr,
+               "measurements": measurement_blocks(measurement_tables(store))}
     if info:
         summary["dataset"] = info
         summary["chance"] = criteria.chance

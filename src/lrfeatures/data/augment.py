@@ -1,4 +1,4 @@
-"""Batched on-device augmentation: random crop with zero padding and horizontal flip.
+"""Batched on-device augmentation: random crop with zero padding and horizontal flip, and the pipeline.
 
 One gather over the padded batch does both, with per-sample offsets drawn from an explicit
 torch.Generator, so a batch costs a few kernel launches on any device and is reproducible.
@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..config import ImageDataConfig
+from .randaugment import RandAugment
 
 
 class Augment:
@@ -42,3 +45,25 @@ class Augment:
 
     def __repr__(self) -> str:
         return f"Augment(crop_padding={self.crop_padding}, flip={self.flip})"
+
+
+class AugmentPipeline:
+    """Random crop + flip, then RandAugment(N, M), on uint8 batches; one generator feeds both."""
+
+    def __init__(self, crop_flip: Augment | None, randaugment: RandAugment | None):
+        self.crop_flip, self.randaugment = crop_flip, randaugment
+
+    @classmethod
+    def from_config(cls, d: ImageDataConfig) -> "AugmentPipeline | None":
+        """The pipeline a data config asks for (None: no augmentation)."""
+        crop_flip = Augment(d.crop_padding) if d.augment else None
+        randaugment = RandAugment(d.randaugment[0], d.randaugment[1]) if d.randaugment else None
+        return cls(crop_flip, randaugment) if crop_flip or randaugment else None
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Augmented copy of the batch x [B, C, H, W]."""
+        if self.crop_flip is not None:
+            x = self.crop_flip(x, gen)
+        if self.randaugment is not None:
+            x = self.randaugment(x, gen)
+        return x

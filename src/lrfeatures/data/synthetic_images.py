@@ -2,7 +2,7 @@
 
 A sample of class c is  s * a * (cos(phi) A_c + sin(phi) B_c) + noise,  mapped into [0, 1]:
   - A_c, B_c: fixed random patterns of unit RMS, drawn once from the seed as band projections
-    of white noise, so they lie exactly in the chosen band b (see analysis/fourier.py);
+    of white noise, so they lie exactly in the chosen band b (see lrfeatures/fourier.py);
   - a ~ U[1 - amplitude_jitter, 1 + amplitude_jitter] and phi ~ U[-phase_jitter, phase_jitter]
     per sample: the class signal varies but never leaves band b;
   - noise: class-independent, in all bands, with a 1/f^noise_exponent amplitude spectrum and
@@ -12,6 +12,11 @@ A sample of class c is  s * a * (cos(phi) A_c + sin(phi) B_c) + noise,  mapped i
   - the map into [0, 1] is FIXED: 0.5 + x * contrast / sqrt(1 + s^2 E[a^2]), clamped, the same
     for every image (a per-image min-max would leak the label into other bands). Clamping
     touches about 0.1% of pixels at the default contrast.
+
+As the registered image data set `band-signal` (`load_band_signal`) the images are the uint8
+quantisation round(255 x) of the default config's float images, like any other ImageDataset:
+a step of 1/255 against a pixel std of `contrast` (0.15) adds a rounding error of RMS
+1/(255 sqrt(12)) ~ 0.0011, about 0.75% of the pixel std, spread over all bands.
 
 `python -m lrfeatures.data.synthetic_images --check` trains a linear classifier on data with
 the signal in low / mid / high and prints its keep-band accuracy table (`ground_truth_table`).
@@ -25,9 +30,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..analysis.fourier import Band, BandFilter, band_accuracy, check_bands, default_bands
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
+from ..fourier import Band, BandFilter, band_accuracy, check_bands, default_bands
 from ..seeding import generator
+from .imageset import ImageDataset, LoadOptions, keep_first_per_class
 
 CHUNK = 4096  # images generated per chunk (bounds memory; part of what a seed means)
 
@@ -143,6 +149,18 @@ def make_band_signal_images(
     if dtype == "uint8":
         x_train, x_test = (x.mul(255).round_().to(torch.uint8) for x in (x_train, x_test))
     return x_train, y_train, x_test, y_test
+
+
+def load_band_signal(arg: str, opts: LoadOptions) -> ImageDataset:
+    """The registry loader of `band-signal`: BandSignalConfig() as uint8 images, seeded by the data seed."""
+    cfg = BandSignalConfig(seed=opts.seed)
+    if opts.classes is not None:
+        raise DataError(f"band-signal has fixed classes class0..class{cfg.num_classes - 1}; "
+                        "leave classes= (data.classes) empty")
+    x_train, y_train, x_test, y_test = make_band_signal_images(cfg, dtype="uint8")
+    classes = [f"class{c}" for c in range(cfg.num_classes)]
+    dataset = ImageDataset(x_train, y_train, x_test, y_test, classes, "band-signal")
+    return keep_first_per_class(dataset, opts.max_per_class)
 
 
 def train_linear_classifier(

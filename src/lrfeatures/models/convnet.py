@@ -57,9 +57,9 @@ class SIConvNet(nn.Module):
         return self.head(self.features(x))
 
 
-@register_model("convnet-si")
+@register_model("convnet-si", input_kind="image", si_group="all", engines=("images",))
 def build_convnet_si(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> SIConvNet:
     """SI ConvNet for square images of shape (C, H, H); width c = cfg.width, blocks = cfg.depth."""
-    if len(input_shape) != 3 or input_shape[1] != input_shape[2]:
+    if input_shape[1] != input_shape[2]:  # build_model has checked the shape is (C, H, W)
         raise ConfigError(f"convnet-si needs square images (C, H, H); got input shape {input_shape}")
     return SIConvNet(input_shape[0], input_shape[1], cfg.width, cfg.depth, num_outputs, cfg.last_layer_norm)

@@ -57,7 +57,9 @@ class SIMLP(nn.Module):
         return out.squeeze(-1) if self.squeeze else out
 
 
-@register_model("mlp-si")
+# The compiled kernel ("native") takes only ReLU MLPs with a binary head on CPU (NativeMLP.supports);
+# the grid engine falls back to its torch kernel for the rest.
+@register_model("mlp-si", input_kind="vector", si_group="all", engines=("native", "grid", "reference"))
 def build_mlp(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> SIMLP:
     """SI MLP on flat inputs of size prod(input_shape)."""
     return SIMLP(math.prod(input_shape), cfg.width, cfg.depth, num_outputs, cfg.activation,

@@ -96,21 +96,14 @@ class PreActResNet18(nn.Module):
         return self.head(out.mean(dim=(2, 3)))
 
 
-def _channels(input_shape: tuple[int, ...], name: str) -> int:
-    """Input channels of an image shape (C, H, W)."""
-    if len(input_shape) != 3:
-        raise ConfigError(f"{name} needs image inputs of shape (C, H, W); got {input_shape}")
-    return input_shape[0]
-
-
-@register_model("resnet18-si")
+@register_model("resnet18-si", input_kind="image", si_group="all", engines=("images",))
 def build_resnet18_si(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> PreActResNet18:
     """SI pre-activation ResNet-18 of width cfg.width (SPEC: 32)."""
-    return PreActResNet18(_channels(input_shape, "resnet18-si"), cfg.width, num_outputs, si=True,
+    return PreActResNet18(input_shape[0], cfg.width, num_outputs, si=True,
                           last_layer_norm=cfg.last_layer_norm)
 
 
-@register_model("resnet18")
+@register_model("resnet18", input_kind="image", si_group="none", engines=("images",))
 def build_resnet18(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> PreActResNet18:
     """Regular pre-activation ResNet-18 of width cfg.width (SPEC practical setting: 64)."""
-    return PreActResNet18(_channels(input_shape, "resnet18"), cfg.width, num_outputs, si=False)
+    return PreActResNet18(input_shape[0], cfg.width, num_outputs, si=False)

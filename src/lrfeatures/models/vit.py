@@ -2,7 +2,9 @@
 
 Shifted-patch tokenization (SPT) and locality self-attention (LSA) follow Lee et al. 2021,
 "Vision Transformer for Small-Size Datasets". Defaults: patch 4, dim 512, depth 6, 8 heads of
-size 64, MLP dim 512, dropout 0.1: about 9.6 M parameters for 10 classes.
+size 64, MLP dim 512, dropout 0.1: about 9.6 M parameters for 10 classes. Through the registry,
+dim and depth are ModelConfig.width and .depth; the other sizes are `ViTOptions`, set in
+ModelConfig.options (e.g. [model.options] heads = 4).
 
 "vit" is an ordinary network: every parameter is trained without constraint and
 `si_parameters()` is empty.
@@ -17,7 +19,9 @@ and the head (LayerNorm + Linear, not frozen).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +30,30 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import ConfigError
 from .registry import register_model
+
+
+@dataclass(frozen=True)
+class ViTOptions:
+    """ViT sizes besides model.width (= dim) and model.depth; SPEC §4 values by default."""
+
+    heads: int = 8             # attention heads per block
+    dim_head: int = 64         # size of each head (q, k, v)
+    mlp_dim: int = 512         # hidden width of the feed-forward block
+    patch: int = 4             # patch side in pixels; SPT shifts by half of it
+    dropout: float = 0.1       # in attention and feed-forward blocks
+    emb_dropout: float = 0.1   # on the token embeddings, before the first block
+
+    def __post_init__(self) -> None:
+        """Reject values no ViT can take, naming the config field (model.options.<field>)."""
+        for name in ("heads", "dim_head", "mlp_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.options.{name}={getattr(self, name)!r} must be >= 1")
+        # SPT shifts by patch // 2 pixels, which must be at least one.
+        if self.patch < 2:
+            raise ConfigError(f"model.options.patch={self.patch!r} must be >= 2, e.g. 4 for 32x32 images")
+        for name in ("dropout", "emb_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.options.{name}={getattr(self, name)!r} must be in [0, 1)")
 
 
 class ShiftedPatchTokenizer(nn.Module):
@@ -190,23 +218,21 @@ class ViT(nn.Module):
         return out.squeeze(-1) if self.squeeze else out
 
 
-def _build(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int,
+def _build(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int, options: ViTOptions,
            scale_invariant: bool) -> ViT:
-    if len(input_shape) != 3:
-        raise ConfigError(f"ViT needs image inputs (C, H, W), got shape {tuple(input_shape)}; "
-                          "use an image data set or a flat-input model such as mlp-si")
-    c, h, w = input_shape
-    return ViT((h, w), c, num_outputs, dim=cfg.width, depth=cfg.depth,
+    """The ViT of `cfg` and `options` for images of `input_shape`."""
+    c, h, w = input_shape  # build_model has checked the shape is (C, H, W)
+    return ViT((h, w), c, num_outputs, dim=cfg.width, depth=cfg.depth, **dataclasses.asdict(options),
                scale_invariant=scale_invariant, norm_eps=cfg.norm_eps)
 
 
-@register_model("vit")
-def build_vit(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> ViT:
+@register_model("vit", input_kind="image", si_group="none", options=ViTOptions, engines=("images",))
+def build_vit(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int, options: ViTOptions) -> ViT:
     """Regular ViT (SPT + LSA): dim = cfg.width (512 in the paper), depth = cfg.depth (6)."""
-    return _build(cfg, input_shape, num_outputs, scale_invariant=False)
+    return _build(cfg, input_shape, num_outputs, options, scale_invariant=False)
 
 
-@register_model("vit-si")
-def build_vit_si(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> ViT:
+@register_model("vit-si", input_kind="image", si_group="partial", options=ViTOptions, engines=("images",))
+def build_vit_si(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int, options: ViTOptions) -> ViT:
     """ViT whose feed-forward linear weights are scale-invariant (LayerNorm after each)."""
-    return _build(cfg, input_shape, num_outputs, scale_invariant=True)
+    return _build(cfg, input_shape, num_outputs, options, scale_invariant=True)

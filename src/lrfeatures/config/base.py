@@ -1,7 +1,9 @@
-"""Typed experiment configs: plain dataclasses, loaded from TOML, validated at the edge.
+"""Loading typed configs: TOML presets and files, `--set` overrides, type checks, the kind table.
 
 A preset is a TOML file in `lrfeatures/presets/`; `load_config` reads a preset name or a
 path, applies `--set a.b=value` overrides and checks every field. Unknown fields are errors.
+Every experiment kind's config class is registered here (config/__init__.py), so a store's
+config.toml loads whatever else was imported.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import math
 import sys
 import types
 import typing
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,151 +24,10 @@ else:  # pragma: no cover
 
 import tomli_w
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
-@dataclass
-class SyntheticDataConfig:
-    """The 2-D feature data set of SPEC §3."""
-
-    shape: str = "tick"
-    n_features: int = 16
-    n_train: int = 512
-    n_test: int = 2000
-    n_probe: int = 1000
-    margin: float = 0.1
-    informative_prob: float = 1.0
-    label_noise: float = 0.0
-
-
-@dataclass
-class ModelConfig:
-    """Which network to build; fields a model does not use are ignored by it."""
-
-    name: str = "mlp-si"
-    width: int = 32
-    depth: int = 2
-    activation: str = "relu"
-    last_layer_norm: float = 10.0
-    norm_eps: float = 1e-7
-
-
-@dataclass
-class SphereConfig:
-    """Training on the sphere: the joint norm rho of the SI group and the step rule."""
-
-    rho: float = 1.0
-    step: str = "projected"  # "projected" or "riemannian"
-
-
-@dataclass
-class PretrainConfig:
-    """Pre-training over a grid of effective learning rates (PLRs)."""
-
-    lrs: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1])
-    iterations: int = 1000
-    batch_size: int = 16
-    ckpt_every: int = 100
-    log_every: int = 100
-    keep_checkpoints: int = 0  # 0: keep as many as the largest SWA K needs
-
-
-@dataclass
-class FinetuneConfig:
-    """Fine-tuning every PLR's final weights over a grid of FLRs."""
-
-    lrs: list[float] = field(default_factory=lambda: [1e-4, 1e-3])
-    iterations: int = 500
-    log_every: int = 100
-
-
-@dataclass
-class SWAConfig:
-    """Stochastic weight averaging of the last K pre-training checkpoints."""
-
-    ks: list[int] = field(default_factory=lambda: [2, 5])
-
-
-@dataclass
-class SeedsConfig:
-    """Data seeds (one data set each) and training seeds (init and batch order)."""
-
-    data: list[int] = field(default_factory=lambda: [0])
-    train: list[int] = field(default_factory=lambda: [0])
-
-
-@dataclass
-class EngineConfig:
-    """How to run the grid: engine, device and memory budget."""
-
-    name: str = "grid"  # "grid" or "reference"
-    device: str = "cpu"
-    memory_budget_gb: float = 4.0
-    train_seeds_per_shard: int = 0  # 0: all training seeds of a data seed in one shard
-    compile: bool = False  # torch.compile the grid step (~2x on CPU; a few seconds to compile)
-    native: bool = True  # SI MLPs on CPU: the compiled C kernel (engine/native.py), ~5x the torch kernels
-
-
-@dataclass
-class SyntheticConfig:
-    """A full synthetic experiment: pretrain -> finetune -> SWA -> feature importance."""
-
-    kind: str = "synthetic"
-    name: str = "synthetic"
-    data: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sphere: SphereConfig = field(default_factory=SphereConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    swa: SWAConfig = field(default_factory=SWAConfig)
-    seeds: SeedsConfig = field(default_factory=SeedsConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the first bad field and how to fix it."""
-        check_lrs("pretrain.lrs", self.pretrain.lrs)
-        check_lrs("finetune.lrs", self.finetune.lrs, allow_empty=True)
-        for name in ("pretrain.iterations", "pretrain.batch_size", "pretrain.ckpt_every",
-                     "pretrain.log_every", "finetune.iterations", "finetune.log_every",
-                     "data.n_features", "data.n_train", "data.n_test", "data.n_probe",
-                     "model.width", "model.depth"):
-            check_positive(name, get_field(self, name))
-        if self.pretrain.batch_size > self.data.n_train:
-            raise ConfigError(f"pretrain.batch_size={self.pretrain.batch_size} exceeds data.n_train="
-                              f"{self.data.n_train}; lower the batch size or add training samples")
-        if self.sphere.step not in ("projected", "riemannian"):
-            raise ConfigError(f"sphere.step={self.sphere.step!r} is unknown; use 'projected' or 'riemannian'")
-        check_positive("sphere.rho", self.sphere.rho)
-        if not 0.0 <= self.data.label_noise < 0.5:
-            raise ConfigError(f"data.label_noise={self.data.label_noise} must be in [0, 0.5)")
-        if not 0.0 <= self.data.informative_prob <= 1.0:
-            raise ConfigError(f"data.informative_prob={self.data.informative_prob} must be in [0, 1]")
-        if self.data.margin < 0:
-            raise ConfigError(f"data.margin={self.data.margin} must be >= 0")
-        if not self.seeds.data or not self.seeds.train:
-            raise ConfigError("seeds.data and seeds.train must each list at least one seed")
-        for name in ("seeds.data", "seeds.train", "pretrain.lrs", "finetune.lrs", "swa.ks"):
-            values = get_field(self, name)
-            if len(set(values)) != len(values):
-                raise ConfigError(f"{name} has repeated values {values}; list each once")
-        n_ckpts = self.pretrain.iterations // self.pretrain.ckpt_every
-        for k in self.swa.ks:
-            if not 1 <= k <= n_ckpts:
-                raise ConfigError(f"swa.ks holds {k} but pre-training saves only {n_ckpts} checkpoints; "
-                                  f"use K in 1..{n_ckpts} or more iterations")
-        if self.engine.name not in ("grid", "reference"):
-            raise ConfigError(f"engine.name={self.engine.name!r} is unknown; use 'grid' or 'reference'")
-        check_positive("engine.memory_budget_gb", self.engine.memory_budget_gb)
-        if self.engine.train_seeds_per_shard < 0:
-            raise ConfigError("engine.train_seeds_per_shard must be >= 0 (0 = all seeds in one shard)")
-
-    @property
-    def checkpoints_kept(self) -> int:
-        """How many of the most recent pre-training checkpoints are stored per model."""
-        return self.pretrain.keep_checkpoints or max(self.swa.ks, default=1)
-
-
-CONFIG_KINDS: dict[str, type] = {"synthetic": SyntheticConfig}
+CONFIG_KINDS: dict[str, type] = {}
 
 
 def register_config_kind(kind: str, cls: type) -> None:
@@ -323,9 +183,20 @@ def load_config(source: str | dict[str, Any], overrides: list[str] | tuple[str, 
     if kind not in CONFIG_KINDS:
         raise ConfigError(f"unknown experiment kind {kind!r}; choose one of: {', '.join(CONFIG_KINDS)}")
     data["kind"] = kind
+    migrate_vit_section(data)
     cfg = from_dict(CONFIG_KINDS[kind], data)
     cfg.validate()
     return cfg
+
+
+def migrate_vit_section(data: dict[str, Any]) -> None:
+    """Move a 0.1 store's top-level [vit] section into model.options (the ViT's own options now)."""
+    vit = data.pop("vit", None)
+    if vit is None:
+        return
+    model = data.setdefault("model", {})
+    if isinstance(model, dict) and str(model.get("name", "")) in ("vit", "vit-si"):
+        model["options"] = {**vit, **model.get("options", {})}
 
 
 def dump_toml(cfg: Any) -> str:

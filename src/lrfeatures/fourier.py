@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError, DataError
+from .errors import ConfigError, DataError
 
 NORMALIZATIONS = ("train", "none", "train_background_only")
 MODES = ("keep", "remove")

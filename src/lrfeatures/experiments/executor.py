@@ -22,7 +22,6 @@ happens, not what it computes, so changing them must not change the experiment's
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
@@ -35,16 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
-from .config import dump_toml
-from .errors import ConfigError, LrfError
-from .store import ExperimentStore, write_json
+from ..config import dump_toml
+from ..errors import ConfigError, LrfError
+from ..store import ExperimentStore, write_json
+from . import runtime
 
-# kind -> (module, experiment class, progress unit). The module provides plan_shards(cfg),
-# shard_cost(cfg, shard) and dependencies(cfg, shard) (or DEPENDS_ON and stages(cfg)).
-EXPERIMENT_KINDS = {
-    "synthetic": ("lrfeatures.experiment", "SyntheticExperiment", "model-step"),
-    "images": ("lrfeatures.images_experiment", "ImageExperiment", "model-epoch"),
-}
 FAULT_ENV = "LRFEATURES_FAULT_ONCE"
 INSTALL_HINT = "pip install 'lrfeatures[ray]'"
 ATTEMPTS_DIR = "executor/attempts"
@@ -79,19 +73,17 @@ class ExperimentFactory:
     def __post_init__(self):
         # Ray workers run in their own working directory: a relative --out would land elsewhere.
         object.__setattr__(self, "root", str(Path(self.root).absolute()))
-        if getattr(self.cfg, "kind", None) not in EXPERIMENT_KINDS:
-            raise ConfigError(f"experiment kind {getattr(self.cfg, 'kind', None)!r} cannot run on an executor; "
-                              f"use one of: {', '.join(EXPERIMENT_KINDS)}")
+        self.recipe  # an unknown kind fails here, in one line
 
     @property
-    def module(self):
-        """The module that defines this kind of experiment."""
-        return importlib.import_module(EXPERIMENT_KINDS[self.cfg.kind][0])
+    def recipe(self) -> runtime.Recipe:
+        """The recipe of this kind of experiment (from the runtime's table of kinds)."""
+        return runtime.recipe_for(getattr(self.cfg, "kind", None))
 
     @property
     def unit(self) -> str:
         """What shard_cost counts (for the progress bar)."""
-        return EXPERIMENT_KINDS[self.cfg.kind][2]
+        return self.recipe.unit_name
 
     @property
     def key(self) -> tuple[str, str]:
@@ -100,8 +92,7 @@ class ExperimentFactory:
 
     def build(self, progress: Callable[[int], None] | None = None) -> Experiment:
         """The experiment object, with its store opened (created, or checked against the config)."""
-        cls = getattr(self.module, EXPERIMENT_KINDS[self.cfg.kind][1])
-        return cls(self.cfg, self.root, progress=progress)
+        return runtime.Experiment(self.cfg, self.root, progress=progress)
 
     def open_store(self) -> ExperimentStore:
         """The store alone (no device or data needed: safe on a driver without a GPU)."""
@@ -109,18 +100,15 @@ class ExperimentFactory:
 
     def plan_shards(self) -> list:
         """All shards, each after the shards it depends on."""
-        return self.module.plan_shards(self.cfg)
+        return runtime.plan_shards(self.cfg)
 
     def dependencies(self, shard) -> list:
         """The shards that must be done before `shard` runs."""
-        module = self.module
-        if hasattr(module, "dependencies"):
-            return module.dependencies(self.cfg, shard)
-        return [shard.upstream(s) for s in module.DEPENDS_ON[shard.stage] if s in module.stages(self.cfg)]
+        return runtime.dependencies(self.cfg, shard)
 
     def shard_cost(self, shard) -> int:
         """Training work of a shard (model-steps or model-epochs)."""
-        return self.module.shard_cost(self.cfg, shard)
+        return runtime.shard_cost(self.cfg, shard)
 
 
 @dataclass(frozen=True)
