@@ -247,7 +247,8 @@ def test_fourier_refuses_an_unfinished_experiment(trained, tmp_path, capsys):
     assert cli.main(["fourier", str(root), "--quiet", "--no-report"]) == 2
     err = capsys.readouterr().err
     assert "swa-d0-s0-plr001" in err and "lrfeatures images" in err
-    assert any((root / "shards").glob("bands-*"))  # the finished PLR was kept
+    # Every training shard is checked before any band shard runs: nothing is computed for a half-done store.
+    assert not any((root / "shards").glob("bands-*"))
 
 
 def test_bad_normalization_is_a_config_error(trained):

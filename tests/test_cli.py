@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -39,6 +40,22 @@ BAD_INPUTS = [
     ("wrong-type", ["synthetic", "--set", "pretrain.iterations=abc"], "pretrain.iterations"),
     ("toml-typo", ["synthetic", "--preset", "{dir}/typo.toml"], "iteratons"),
     ("report-not-experiment", ["report", "{dir}/empty"], "not an lrfeatures experiment"),
+    # issue 13: hostile or broken input is one line, exit 2, and nothing written
+    ("out-is-a-file", ["synthetic", "--out", "{dir}/afile"], "is a file"),
+    ("out-under-a-file", ["synthetic", "--out", "{dir}/afile/sub"], "afile"),
+    ("out-in-proc", ["synthetic", "--out", "/proc/lrfeatures-out"], "system folder"),
+    ("out-not-a-store", ["synthetic", "--out", "{dir}/userfiles"], "not an lrfeatures experiment"),
+    ("name-traversal", ["synthetic", "--set", "name=../../x"], "plain name"),
+    ("name-absolute", ["synthetic", "--set", "name=/tmp/x"], "plain name"),
+    ("preset-binary", ["synthetic", "--preset", "{dir}/binary.toml"], "not a text file"),
+    ("run-config-binary", ["run", "{dir}/binary.toml"], "not a text file"),
+    ("seed-overflow", ["synthetic", "--set", "seeds.train=[100000000000000000000000]"], "seeds.train"),
+    ("depth-huge", ["synthetic", "--set", "model.depth=100000"], "engine.memory_budget_gb"),
+    ("width-huge", ["synthetic", "--set", "model.width=1000000000"], "engine.memory_budget_gb"),
+    ("one-class-folder", ["images", "--dataset", "folder:{dir}/oneclass"], "oneclass"),
+    ("image-folder-typo", ["images", "--dataset", "folder:{dir}/no-such-folder"], "no-such-folder"),
+    ("not-a-tar", ["images", "--dataset", "folder:{dir}/junk.tar.gz"], "junk.tar.gz"),
+    ("gzip-bomb", ["images", "--dataset", "folder:{dir}/bomb.tar.gz"], "unpacks to more than"),
 ]
 
 
@@ -47,16 +64,31 @@ def fill(args: list[str], directory: Path) -> list[str]:
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch):
+def workdir(tmp_path, monkeypatch, colour_folder):
     """A scratch cwd (so a default --out never lands in the repo), with the files the cases name."""
     (tmp_path / "typo.toml").write_text(TYPO_TOML)
     (tmp_path / "empty").mkdir()
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "userfiles").mkdir()
+    (tmp_path / "userfiles" / "summary.json").write_text('{"mine": true}')
+    (tmp_path / "binary.toml").write_bytes(bytes(range(256)) * 4)
+    colour_folder(tmp_path / "oneclass", ["only"], seed=0, n_per_class=6, size=8)
+    (tmp_path / "junk.tar.gz").write_bytes(bytes(range(7, 250)) * 64)
+    (tmp_path / "bomb.tar.gz").write_bytes(gzip.compress(bytes(4 << 20)))  # 4 MiB of zeros in 4 KiB
+    monkeypatch.setenv("LRFEATURES_MAX_UNPACKED_GB", "0.001")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
 
 def with_out(args: list[str], out: Path) -> list[str]:
-    return args + ["--out", str(out), "--quiet", "--no-report"] if args[0] == "synthetic" else args
+    if args[0] not in ("synthetic", "images", "run"):
+        return args
+    return args + ([] if "--out" in args else ["--out", str(out)]) + ["--quiet", "--no-report"]
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every file (with its content) and folder under a folder: to show that nothing was written."""
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
 
 
 def check_one_line_error(stderr: str, word: str) -> None:
@@ -69,10 +101,33 @@ def check_one_line_error(stderr: str, word: str) -> None:
 
 @pytest.mark.parametrize("case, args, word", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_is_one_line_error(case, args, word, workdir, capsys):
+    before = tree(workdir)
     code = main(with_out(fill(args, workdir), workdir / "out"))
     captured = capsys.readouterr()
     assert code == 2
     check_one_line_error(captured.err, word)
+    assert tree(workdir) == before
+
+
+def test_unwritable_out_is_one_line_error(workdir, capsys, monkeypatch):
+    """An --out the user may not write (simulated: the tests may run as root, which may write anywhere)."""
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    assert main(["synthetic", "--out", str(workdir / "locked" / "out"), "--quiet", "--no-report"]) == 2
+    check_one_line_error(capsys.readouterr().err, "writable")
+    assert not (workdir / "locked").exists()
+
+
+def test_every_shipped_preset_fits_its_memory_budget():
+    from lrfeatures.config import preset_names
+    from lrfeatures.experiments import recipe_for
+    from lrfeatures.experiments.runtime import check_memory
+
+    for name in preset_names():
+        cfg = load_config(name)
+        check_memory(cfg, recipe_for(cfg.kind).memory_estimate(cfg))
 
 
 @pytest.mark.parametrize("case", ["lr-zero", "unknown-shape"])
@@ -185,3 +240,14 @@ def test_rerun_with_different_settings_into_same_out_is_refused(workdir, tiny_ov
     code = main(["synthetic", "--out", str(out), "--quiet", "--no-report", *sets, "--set", "pretrain.iterations=400"])
     assert code == 2
     check_one_line_error(capsys.readouterr().err, "different config")
+
+
+def test_a_huge_plr_is_a_result_and_the_report_still_renders(workdir, tiny_overrides, capsys):
+    """PLR 1e300 diverges (a result to record); the figures clip their axis, the tables keep the value."""
+    out = workdir / "huge"
+    sets = [arg for o in tiny_overrides + ["pretrain.lrs=[0.001, 0.01, 1e300]"] for arg in ("--set", o)]
+    assert main(["synthetic", "--out", str(out), "--quiet", *sets]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(["report", str(out)]) == 0 and (out / "report.html").is_file()
+    evaluations = pd.read_parquet(out / "evaluations.parquet")
+    assert evaluations.loc[evaluations["plr"] == 1e300, "diverged"].all()

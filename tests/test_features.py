@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from lrfeatures.analysis.features import (effective_num_features, feature_table_summary,
-                                          sorted_importance, sparsity_index)
+from lrfeatures.analysis.features import (effective_num_features, feature_table_summary, margin_effective_features,
+                                          margin_sparsity, noise_effective_features, sorted_importance,
+                                          sparsity_index)
 from lrfeatures.errors import DataError
 
 F = 16
@@ -121,3 +122,65 @@ def test_feature_table_summary_rejects_incomplete_models():
         feature_table_summary(features.iloc[1:], None)
     with pytest.raises(DataError):
         feature_table_summary(features.drop(columns="accuracy"), None)
+
+
+# ----- the margin index (analysis.features docstring) ------------------------------------------
+
+def test_margin_index_one_strong_feature():
+    margin = np.zeros(F)
+    margin[5] = 2.0
+    assert margin_effective_features(margin) == pytest.approx(1) and margin_sparsity(margin) == pytest.approx(1)
+    margin[[0, 9]] = 0.02  # the rest at a hundredth of it: still one feature
+    assert margin_sparsity(margin) > 0.95
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("strength", [0.05, 1.0, 20.0])
+def test_margin_index_k_equal_features_at_any_strength(k, strength):
+    margin = np.zeros(F)
+    margin[:k] = strength
+    noise = noise_effective_features(F)
+    assert margin_effective_features(margin) == pytest.approx(k)
+    assert margin_sparsity(margin) == pytest.approx(max(0.0, (noise - k) / (noise - 1)))
+
+
+def test_margin_index_all_features_weakly_and_equally_used_is_zero():
+    weak = np.full(F, 0.03)
+    assert margin_effective_features(weak) == pytest.approx(F) and margin_sparsity(weak) == 0
+    # The same with probe noise on top (signal-to-noise 1 per feature): still dense, near 0.
+    rng = np.random.default_rng(0)
+    noisy = margin_sparsity(weak + 0.03 * rng.normal(size=(2000, F)))
+    assert noisy.mean() < 0.1
+
+
+def test_margin_index_pure_noise_reads_zero_on_average():
+    rng = np.random.default_rng(1)
+    noise = rng.normal(size=(20000, F)) * 0.2
+    assert margin_effective_features(noise).mean() == pytest.approx(noise_effective_features(F), rel=0.02)
+    values = margin_sparsity(noise)
+    assert values.mean() < 0.1 and np.median(values) < 0.05  # clipped at 0 below N_0, so the mean is >0
+
+
+def test_margin_index_dead_model_is_undefined():
+    dead = np.zeros((2, F))
+    assert np.isnan(margin_effective_features(dead)).all() and np.isnan(margin_sparsity(dead)).all()
+
+
+def test_margin_index_orders_sparse_above_dense_and_keeps_type():
+    sparse, dense = np.r_[1.5, np.full(F - 1, 0.1)], np.full(F, 0.3)
+    values = margin_sparsity(torch.tensor(np.stack([sparse, dense])))
+    assert isinstance(values, torch.Tensor) and values[0] > 0.6 > values[1]
+    with pytest.raises(DataError):
+        margin_sparsity(np.array([1.0]))
+
+
+def test_feature_table_summary_uses_the_margin_when_present():
+    features = _features_table(np.random.default_rng(2))
+    assert feature_table_summary(features, None)["basis"].eq("accuracy").all()
+    features["margin"] = (features["accuracy"] - 0.5) * 4  # sparse in 1e-2 (one feature), dense in 1e-3
+    summary = feature_table_summary(features, None)
+    assert summary["basis"].eq("margin").all()
+    sparse = summary[summary["plr"] == 1e-2]
+    dense = summary[summary["plr"] == 1e-3]
+    assert (sparse["sparsity_mean"] > 0.95).all() and (sparse["n_eff_mean"] < 1.1).all()
+    assert (dense["sparsity_mean"] == 0).all() and (dense["n_eff_mean"] > 10).all()

@@ -152,11 +152,35 @@ def test_non_monotone_votes_are_resolved_with_lower_confidence():
     report = detect_regimes(*tables(override=override))
     per = report.per_plr
     assert list(per["raw_regime"]) == ["1", "1", "3", "1", "2A", "1", "2B", "3", "3"]
-    assert list(per["regime"]) == CLEAN
+    # 3e-2 must be regime 2 (monotone), but only 2 of its 6 seeds vote 2A: no majority, so "2".
+    assert list(per["regime"]) == ["1", "1", "1", "1", "2A", "2", "2B", "3", "3"]
     assert list(per["relabelled"]) == [False, False, True, False, False, True, False, False, False]
-    assert per.loc[5, "confidence"] == pytest.approx((2 / 6) / 2)
+    # Confidence is the share of seeds voting the final label, nothing else.
+    assert per.loc[5, "confidence"] == pytest.approx(2 / 6)
     assert per.loc[2, "confidence"] == 0
-    assert report.boundaries["2A/2B"].confidence == pytest.approx(1 / 6)
+    assert report.boundaries["2A/2B"].lower_plr == 1e-2 and report.boundaries["2A/2B"].confidence == 1
+
+
+def test_confidence_is_the_vote_share_of_the_label():
+    override = {(4, 0): "converged", (6, 1): "chance", (6, 2): "chance"}
+    per = detect_regimes(*tables(override=override)).per_plr
+    for _, row in per.iterrows():
+        assert row["confidence"] == pytest.approx(row[f"frac_{row['regime']}"] if row["regime"] != "2"
+                                                  else row[["frac_2", "frac_2A", "frac_2B"]].sum())
+    assert per.loc[4, "confidence"] == pytest.approx(5 / 6) and per.loc[6, "confidence"] == pytest.approx(4 / 6)
+    for _, row in per[per["regime"].isin(["2A", "2B"])].iterrows():
+        assert row["confidence"] > 0.5  # a 2A/2B label is backed by most of its seeds
+
+
+def test_a_run_at_chance_is_never_converged():
+    # A random walk whose loss happens to fall over the run (what a PLR of 1e6 does on a sparse
+    # grid): "still descending" by the loss alone, but its accuracy is at chance.
+    metrics, evaluations = tables(regimes=["1", "1", "3"], plrs=[1e-4, 1e-3, 1e6])
+    late = (metrics["plr"] == 1e6) & (metrics["step"] > 30000)
+    metrics.loc[late, "train_loss"] *= 0.3
+    per = detect_regimes(metrics, evaluations).per_plr
+    assert per.loc[2, "descent_ratio"] < RegimeCriteria().descent_ratio
+    assert per.loc[2, "regime"] == "3" and per.loc[2, "confidence"] == 1
 
 
 def test_descent_and_grad_collapse_mean_convergence():

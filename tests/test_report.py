@@ -77,7 +77,7 @@ def make_experiment(root, regimes=REGIMES, geometry=True, diverge_plr=None, name
                                     "diverged": diverged})
                 probe = np.full(F, np.nan) if diverged else feature_accuracies(regime, rng)
                 features += [{"stage": stage, **keys, "flr": flr, "swa_k": k, "feature": i,
-                              "accuracy": probe[i]} for i in range(F)]
+                              "accuracy": probe[i], "margin": 4 * (probe[i] - 0.5)} for i in range(F)]
             level = {"1": 1e-3, "2A": 0.2, "2B": 0.4, "3": 0.69}[regime]
             loss = level + (0.7 - level) * np.exp(-STEPS / 150.0)
             if diverged:
@@ -98,7 +98,8 @@ def make_experiment(root, regimes=REGIMES, geometry=True, diverge_plr=None, name
             + ([("geometry", geom)] if geometry else []):
         pd.DataFrame(rows).to_parquet(root / f"{table_name}.parquet", index=False)
     per_plr = [{"plr": p, "regime": r, "confidence": 0.9, "raw_regime": r, "relabelled": False,
-                "n_seeds": len(SEEDS), "n_diverged": 2 if p == diverge_plr else 0}
+                "n_seeds": len(SEEDS), "n_diverged": 2 if p == diverge_plr else 0,
+                **{f"frac_{name}": float(name == r) for name in ("1", "2", "2A", "2B", "3")}}
                for p, r in zip(PLRS, regimes)]
     summary = {"version": "0.0.9-test", "name": name, "config": to_dict(cfg), "plrs": PLRS, "flrs": FLRS,
                "swa_ks": ks, "regimes": {"criteria": {}, "global_best": 0.9, "per_plr": per_plr,
@@ -144,14 +145,19 @@ def test_full_report_has_every_figure_embedded_and_tables(tmp_path):
     # Self-contained: no external resource of any kind.
     assert "http" not in page and "<script" not in page and "<link" not in page
     assert all(src.startswith("data:") for src in re.findall(r"src='([^']*)'", page))
-    rows = table_rows(page, 0)
+    findings = table_rows(page, 0)  # the findings panel comes first
+    assert [r[0] for r in findings] == ["S1", "S2", "S3", "S4", "S5"]
+    assert page.index("<h2>Findings</h2>") < page.index("<h2>Regimes per PLR</h2>")
+    rows = table_rows(page, 1)
     assert [r[0] for r in rows] == [f"{p:.3g}" for p in PLRS]
     assert [r[1] for r in rows] == REGIMES
-    assert all(r[4].startswith(("0.", "1.")) and "±" in r[4] for r in rows)  # test acc after PT
+    assert all(r[5].startswith(("0.", "1.")) and "±" in r[5] for r in rows)  # test acc after PT
+    assert rows[0][3] == "1 1.00"  # seed vote shares (frac_* of summary.json)
     sparse = rows[REGIMES.index("2A")][-1]
     dense = rows[REGIMES.index("1")][-1]
     assert float(sparse.split()[0]) > 0.9 > 0.1 > float(dense.split()[0])
-    bounds = {r[0]: r for r in table_rows(page, 1)}
+    assert "sparsity after PT (margin)" in page
+    bounds = {r[0]: r for r in table_rows(page, 2)}
     assert bounds["1/2"][1] == f"{math.sqrt(3e-3 * 1e-2):.3g}" and bounds["2/3"][2] == "0.1"
     assert __version__ in page and "0.0.9-test" in page
     assert "<report>" not in page and "fake &lt;report&gt; &amp; co" in page
@@ -173,7 +179,7 @@ def test_grid_without_boundaries(tmp_path):
     root, _, page = page_of(tmp_path, regimes=["1"] * len(PLRS))
     for key in ALL_FIGURES:
         check_png(root / "figures" / f"{key}.png")
-    bounds = table_rows(page, 1)
+    bounds = table_rows(page, 2)
     assert [r[0] for r in bounds] == ["1/2", "2A/2B", "2/3"]
     assert all(cell == "–" for r in bounds for cell in r[1:])
 
@@ -182,9 +188,9 @@ def test_diverged_rows_are_left_out_and_counted(tmp_path):
     root, _, page = page_of(tmp_path, diverge_plr=PLRS[-1])
     for key in ALL_FIGURES:
         check_png(root / "figures" / f"{key}.png")
-    last = table_rows(page, 0)[-1]
-    assert last[3] == "2/3"  # diverged seeds
-    assert last[4].startswith("0.5") and "±" not in last[4]  # one surviving seed: no std
+    last = table_rows(page, 1)[-1]
+    assert last[4] == "2/3"  # diverged seeds
+    assert last[5].startswith("0.5") and "±" not in last[5]  # one surviving seed: no std
 
 
 def test_missing_summary_recomputes_regimes(tmp_path):
@@ -268,3 +274,30 @@ def test_summary_holds_the_blocks_of_registered_measurements_with_a_table(tmp_pa
     assert block["fake_measure"]["rows"] == len(PLRS)
     assert [row["value"] for row in block["fake_measure"]["per_plr"]] == list(range(len(PLRS)))
     assert summary["per_plr"][0]["pretrain"]["test_acc"]["n"] == len(SEEDS)
+
+
+def test_summary_has_iterations_to_convergence_of_the_converging_runs(tmp_path):
+    from lrfeatures.analysis.summary import build_summary
+
+    root = make_experiment(tmp_path / "exp")
+    summary = build_summary(ExperimentStore(root))
+    blocks = {entry["plr"]: entry["convergence"] for entry in summary["per_plr"]}
+    for plr, regime in zip(PLRS, REGIMES):
+        block = blocks[plr]
+        assert block["unit"] == "iterations" and block["n"] == len(SEEDS)
+        if regime == "1":  # loss 1e-3 + 0.699 exp(-step/150) first falls below 1e-2 at the log of step 700
+            assert block["n_converged"] == len(SEEDS)
+            assert block["median"] == block["q25"] == block["q75"] == 700
+        else:  # a bouncing or random-walk loss never converges: null, not a number
+            assert block["n_converged"] == 0 and block["median"] is None
+    assert set(summary["findings"]) == {"S1", "S2", "S3", "S4", "S5"}
+    json.dumps(summary, allow_nan=False)
+
+
+def test_features_without_the_margin_column_fall_back_to_the_accuracy_index(tmp_path):
+    root = make_experiment(tmp_path / "exp")
+    features = pd.read_parquet(root / "features.parquet").drop(columns="margin")
+    features.to_parquet(root / "features.parquet", index=False)  # as lrfeatures 0.1 wrote it
+    page = write_report(root).read_text()
+    assert "sparsity after PT (accuracy)" in page
+    check_png(root / "figures" / "sparsity.png")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import multiprocessing
 import os
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from lrfeatures.config import load_config
 from lrfeatures.errors import StoreError
 from lrfeatures.experiments import Shard, run_shard
 from lrfeatures.experiments.synthetic import SeedChunk
-from lrfeatures.store import ExperimentStore, atomic_write_bytes, write_json, write_table
+from lrfeatures.store import HOST, LEASE_TTL_ENV, ExperimentStore, atomic_write_bytes, write_json, write_table
 
 
 def small_table(tag: int, rows: int = 3) -> pd.DataFrame:
@@ -132,14 +135,81 @@ def test_second_commit_of_same_shard_keeps_the_first(tmp_path, tiny_config):
     assert tmp_dirs(store) == []
 
 
-def test_clean_partial_removes_only_stale_temp_dirs(tmp_path, tiny_config):
+def test_clean_partial_removes_only_temp_dirs_whose_lease_is_gone(tmp_path, tiny_config, monkeypatch):
+    """Age never matters: a live lease protects an hour-old temp dir; a stale or absent lease does not."""
+    monkeypatch.setenv(LEASE_TTL_ENV, "0.5")
     store = ExperimentStore.create(tmp_path, tiny_config)
-    stale, fresh = store.writer("old"), store.writer("new")
+    live = store.claim("live")
+    working, orphan = store.writer("live", live), store.writer("orphan")
     past = time.time() - 3600
-    os.utime(stale.tmp, (past, past))
+    for writer in (working, orphan):
+        os.utime(writer.tmp, (past, past))
     store.clean_partial()
-    assert not stale.tmp.exists()
-    assert fresh.tmp.exists()  # may belong to a process that is still working
+    assert working.tmp.exists() and not orphan.tmp.exists()
+    live._stop.set()  # the owner stalls: no more heartbeats
+    time.sleep(0.8)
+    assert not store.claimed("live")
+    store.clean_partial()
+    assert not working.tmp.exists()
+
+
+def test_lease_is_exclusive_and_stale_only_after_its_ttl(tmp_path, tiny_config, monkeypatch):
+    monkeypatch.setenv(LEASE_TTL_ENV, "0.6")
+    store = ExperimentStore.create(tmp_path, tiny_config)
+    first = store.claim("s")
+    assert first is not None and store.claim("s") is None
+    time.sleep(0.9)  # the heartbeat (every TTL/4) keeps it live past its TTL
+    assert store.claim("s") is None
+    lease = json.loads(store.lease_path("s").read_text())
+    assert lease["pid"] == os.getpid() and lease["host"] and lease["time"] <= time.time()
+    first._stop.set()
+    time.sleep(0.9)
+    second = store.claim("s")
+    assert second is not None and not first.held() and second.held()
+    first.release()  # the stalled owner must not delete its successor's lease
+    assert store.lease_path("s").exists()
+    second.release()
+    assert not store.lease_path("s").exists()
+
+
+def test_files_follow_the_umask(tmp_path, tiny_config):
+    old = os.umask(0o022)
+    try:
+        store = ExperimentStore.create(tmp_path / "exp", tiny_config)
+        writer = store.writer("s")
+        writer.table("metrics", small_table(1))
+        writer.commit({})
+        store.merge_table("metrics")
+    finally:
+        os.umask(old)
+    for path in [store.root / "config.toml", store.root / "metrics.parquet", store.shard_dir("s") / "done.json",
+                 store.shard_dir("s") / "metrics.parquet"]:
+        assert path.stat().st_mode & 0o777 == 0o644, path
+    assert store.shard_dir("s").stat().st_mode & 0o777 == 0o755
+
+
+def test_done_json_lists_every_file_with_size_and_hash(tmp_path, tiny_config):
+    store = ExperimentStore.create(tmp_path, tiny_config)
+    writer = store.writer("s")
+    writer.table("metrics", small_table(1))
+    writer.tensors("weights", {"final": torch.ones(3)})
+    writer.commit({})
+    files = json.loads((store.shard_dir("s") / "done.json").read_text())["files"]
+    assert sorted(files) == ["metrics.parquet", "weights.safetensors"]
+    for name, entry in files.items():
+        data = (store.shard_dir("s") / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_a_killed_atomic_write_leaves_no_temp_file_behind(tmp_path, tiny_config):
+    ExperimentStore.create(tmp_path, tiny_config)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f".summary.json.~{HOST}~{dead.stdout.strip()}~abc"  # what a kill mid-write leaves
+    mine = tmp_path / f".summary.json.~{HOST}~{os.getpid()}~def"              # a live writer's
+    leftover.write_text("{")
+    mine.write_text("{")
+    ExperimentStore.create(tmp_path, tiny_config)
+    assert not leftover.exists() and mine.exists()
 
 
 def test_merge_table_equals_concatenation(tmp_path, tiny_config):

@@ -7,17 +7,21 @@
     lrfeatures fourier DIR [--normalization train|none|train_background_only|train_additive]
                            [--device DEV]
     lrfeatures report DIR
+    lrfeatures verify DIR                                           (exit 1 if any shard is damaged)
     lrfeatures presets
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import LrfError
+from .errors import ConfigError, LrfError
+
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 EPILOG = """examples:
   lrfeatures synthetic                              # quick preset -> runs/synthetic-quick
@@ -37,13 +41,35 @@ def preset_source(kind: str, preset: str) -> str:
     from .config import preset_names
 
     if preset.endswith(".toml") or Path(preset).exists():
-        return preset
+        return text_file(preset, "--preset")
     full = f"{kind}-{preset}"
     return full if full in preset_names() else preset
 
 
+def text_file(path: str, flag: str) -> str:
+    """`path`, unless it is a file that is not UTF-8 text (a binary file given as a TOML config)."""
+    try:
+        if Path(path).is_file():
+            Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{flag} {path} is not a text file; give a TOML config or a preset name") from None
+    except OSError as err:
+        raise ConfigError(f"{flag} {path} cannot be read ({err.strerror}); check the path") from None
+    return path
+
+
+def out_dir(args: argparse.Namespace, cfg) -> Path:
+    """--out, or runs/<name> where the config's name must be a plain name (never a path)."""
+    if not PLAIN_NAME.fullmatch(cfg.name) or set(cfg.name) == {"."}:
+        raise ConfigError(f"name={cfg.name!r} must be a plain name (letters, digits, '-', '_', '.'; no '/' or "
+                          "'..'); use --out DIR to choose the folder")
+    return Path(args.out or Path("runs") / cfg.name)
+
+
 def add_executor_flags(parser: argparse.ArgumentParser) -> None:
-    """--executor and the Ray options of an experiment command."""
+    """--executor, the Ray options and --allow-version-change of an experiment command."""
+    parser.add_argument("--allow-version-change", action="store_true",
+                        help="resume a store written by another lrfeatures version (recorded in DIR/versions.json)")
     parser.add_argument("--executor", choices=["local", "ray"], default="local",
                         help="run shards in this process (default) or as Ray tasks")
     parser.add_argument("--ray-address", help="Ray cluster to join, e.g. auto or HOST:6379 "
@@ -124,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="redraw figures and report.html of an experiment from its store")
     rep.add_argument("dir", help="experiment directory")
 
+    ver = sub.add_parser("verify", help="check every shard of a store against its done.json (exit 1 if any is bad)",
+                         description="Check every shard's files against the sizes and hashes in its done.json, "
+                         "and that every planned shard exists; one row per bad shard.")
+    ver.add_argument("dir", help="experiment directory")
+
     sub.add_parser("presets", help="list the shipped presets")
     return parser
 
@@ -154,12 +185,12 @@ def run_config(args: argparse.Namespace) -> int:
     """`lrfeatures run`: any registered experiment kind, chosen by the config's `kind` field."""
     from .experiments import load_experiment_config
 
-    return run_and_report(args, load_experiment_config(args.config, args.overrides))
+    return run_and_report(args, load_experiment_config(text_file(args.config, "config"), args.overrides))
 
 
 def run_and_report(args: argparse.Namespace, cfg) -> int:
     """Run every pending shard, then write the report (a figure problem never hides saved results)."""
-    out = Path(args.out or Path("runs") / cfg.name)
+    out = out_dir(args, cfg)
     run_on_executor(args, cfg, out)
     print(f"results: {out}")
     if not args.no_report:
@@ -196,7 +227,24 @@ def run_on_executor(args: argparse.Namespace, cfg, out: Path) -> dict:
     from .experiments.executor import ExperimentFactory, make_executor, run_experiment
 
     executor = make_executor(args.executor, cfg, args.ray_address, args.cpus_per_shard, args.gpus_per_shard)
-    return run_experiment(ExperimentFactory(cfg, out), executor, quiet=args.quiet)
+    return run_experiment(ExperimentFactory(cfg, out, args.allow_version_change), executor, quiet=args.quiet)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """`lrfeatures verify`: one row per bad shard and exit 1, or one line and exit 0."""
+    from .experiments import plan_shards
+    from .store import ExperimentStore, verify_store
+
+    cfg = ExperimentStore(args.dir).config()
+    bad = verify_store(args.dir, [s.name for s in plan_shards(cfg)])
+    for shard, reason in bad:
+        print(f"{shard}\t{reason}")
+    if bad:
+        print(f"{len(bad)} bad shards in {args.dir}; re-run its experiment command (same --out) to recompute them",
+              file=sys.stderr)
+        return 1
+    print(f"{args.dir}: every shard is intact")
+    return 0
 
 
 def write_report_checked(out: Path, kind: str | None = None) -> Path:
@@ -249,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             ExperimentStore(args.dir).config()  # a clear error if DIR is not an experiment
             print(f"report: {write_report_checked(Path(args.dir))}")
             return 0
+        if args.command == "verify":
+            return run_verify(args)
         if args.command == "presets":
             from .config import preset_names
             print("\n".join(preset_names()))

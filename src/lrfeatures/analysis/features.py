@@ -1,27 +1,44 @@
 """Single-feature importance on the synthetic task (SPEC §3) and a scalar sparsity index.
 
-The importance of feature i is the model's accuracy on a probe set where only feature i
-is informative. The paper reads sparsity off the sorted curves; we also summarise each
-curve by one number built from the accuracies *above chance*:
+The importance of feature i is measured on a probe set where only feature i is informative.
+The paper reads sparsity off the sorted accuracy curves; we also summarise each model by one
+number, built from each probe set's class-balanced mean signed logit (column `margin`):
 
-    a_i   = max(acc_i - chance - floor, 0)    what feature i adds over guessing
-    p_i   = a_i / sum_j a_j                    its share of the total
-    N_eff = 1 / sum_i p_i^2                    effective number of used features, in [1, F]
-    sparsity = (F - N_eff) / (F - 1)           in [0, 1]: 1 = one feature, 0 = all equal
+    m_i   = (E[z | y=1] - E[z | y=0]) / 2            on probe set i (z: the model's logit)
+    N_eff = (sum_i |m_i|)^2 / sum_i m_i^2             effective number of used features, in [1, F]
+    N_0   = 1 + (F - 1) * 2/pi                        what N_eff reads when every m_i is pure noise
+    sparsity = clip((N_0 - N_eff) / (N_0 - 1), 0, 1)  1 = one feature, 0 = no more concentrated than noise
 
-N_eff is the inverse Simpson index (participation ratio): k equally useful features give
-N_eff = k whatever their common level. When no feature is above chance (sum_j a_j below
-`tol`) there is nothing to share out and both numbers are NaN, on purpose: such a model
-(e.g. regime 3) is not "dense", it uses nothing.
+Why the margin and not the accuracy: at n_probe = 1000 a weakly used feature moves the
+accuracy by less than its sampling error (0.016), so in regime 1 every accuracy sits at
+0.48-0.56 (SPEC §8) and "above chance" is mostly noise; flooring those values at chance
+zeroes half of them and reads noise as sparsity (issue 15). The margin is continuous, uses
+the logit's size and not only its sign, and a constant logit (a dead model) scores exactly 0
+whatever the probe set's class counts.
 
-`floor` discounts probe noise: a feature the model ignores still scores chance ± the
-sampling error of n probe samples, and the best of 16 such features sits visibly above
-chance. Experiments use one standard error, floor = sqrt(chance·(1 − chance)/n_probe)
-(0.016 for n = 1000), and `tol` = SUMMARY_TOL = 0.05: a model whose accuracies exceed
-chance + floor by less than 5 points in total uses no feature (index NaN, as in regime 3).
+Why |m_i| and no floor: the sampling noise of m_i is symmetric around its true value, so
+clamping would again turn noise into zeros. Both signs are reliance on feature i (a negative
+margin is reliance in the wrong direction on that probe distribution).
+
+Why N_0: N_eff is the inverse Simpson index (participation ratio) of the |m_i|: k equally used
+features give N_eff = k at any strength. When all m_i are noise of one scale sigma (a model
+that uses no feature beyond the probes' sampling error), E(sum |m|)^2 / E sum m^2 =
+1 + (F - 1)(E|m|)^2 / E m^2 = 1 + (F - 1) * 2/pi (10.5 for F = 16). Dense use and pure noise
+are then told apart from concentrated use, not from each other: the index measures
+concentration beyond what noise produces, and is 0 for both.
+
+effective_features is N_eff; the index is a decreasing function of it, so the two agree.
+Both are NaN when sum_i |m_i| < MARGIN_TOL (a dead model: its logit ignores every feature).
+
+Tables written before the margin column existed fall back, clearly marked (basis
+"accuracy"), to the earlier accuracy index: a_i = max(acc_i - chance - floor, 0) with the
+floor one standard error sqrt(chance (1 - chance) / n_probe) and NaN when sum a_i < SUMMARY_TOL
+(0.05), N_eff = (sum a)^2 / sum a^2 and sparsity (F - N_eff) / (F - 1).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pandas as pd
@@ -56,6 +73,34 @@ def noise_floor(n_probe: int, chance: float = 0.5) -> float:
     return (chance * (1 - chance) / n_probe) ** 0.5
 
 
+MARGIN_TOL = 1e-6  # summed |margin| (logit units) below which the model's logit ignores every feature
+
+
+def noise_effective_features(num_features: int) -> float:
+    """N_eff of margins that are pure noise of one scale: 1 + (F - 1) * 2/pi."""
+    return 1 + (num_features - 1) * 2 / math.pi
+
+
+def margin_effective_features(margin, tol: float = MARGIN_TOL):
+    """(sum |m|)^2 / sum m^2 in [1, F] per model over the last axis; NaN for a dead model."""
+    tensor, back = _as_tensor(margin)
+    if tensor.shape[-1] < 2:
+        raise DataError(f"sparsity needs at least 2 features, got {tensor.shape[-1]}; "
+                        "pass margins with the features on the last axis")
+    size = tensor.abs()
+    total = size.sum(-1)
+    n_eff = total.square() / size.square().sum(-1).clamp_min(torch.finfo(tensor.dtype).tiny)
+    return back(torch.where(total < tol, torch.full_like(n_eff, float("nan")), n_eff))
+
+
+def margin_sparsity(margin, tol: float = MARGIN_TOL):
+    """clip((N_0 - N_eff) / (N_0 - 1), 0, 1) per model: 1 = one feature, 0 = no more concentrated than noise."""
+    tensor, back = _as_tensor(margin)
+    n_eff = _as_tensor(margin_effective_features(tensor, tol))[0]
+    noise = noise_effective_features(tensor.shape[-1])
+    return back(((noise - n_eff) / (noise - 1)).clamp(0, 1))  # NaN stays NaN
+
+
 def _effective_and_sparsity(acc, chance: float, tol: float, floor: float = 0.0):
     tensor, back = _as_tensor(acc)
     num_features = tensor.shape[-1]
@@ -72,17 +117,17 @@ def _effective_and_sparsity(acc, chance: float, tol: float, floor: float = 0.0):
 
 
 def effective_num_features(acc, chance: float = 0.5, tol: float = 1e-3, floor: float = 0.0):
-    """Effective number of features used, 1/sum p_i^2 in [1, F]; NaN if none beats chance."""
+    """Accuracy basis (old tables): 1/sum p_i^2 in [1, F] of the floored excess accuracies; NaN if none beats chance."""
     return _effective_and_sparsity(acc, chance, tol, floor)[0]
 
 
 def sparsity_index(acc, chance: float = 0.5, tol: float = 1e-3, floor: float = 0.0):
-    """(F - N_eff)/(F - 1) in [0, 1] per model (1 = one feature); NaN if none beats chance."""
+    """Accuracy basis (old tables): (F - N_eff)/(F - 1) in [0, 1] per model; NaN if none beats chance."""
     return _effective_and_sparsity(acc, chance, tol, floor)[1]
 
 
-def _per_model_matrix(features_df: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
-    """(one row of keys per model, accuracies [models, F] ordered by feature index)."""
+def _per_model_matrix(features_df: pd.DataFrame, column: str = "accuracy") -> tuple[pd.DataFrame, np.ndarray]:
+    """(one row of keys per model, `column` [models, F] ordered by feature index)."""
     missing = [c for c in KEY_COLUMNS + ["feature", "accuracy"] if c not in features_df]
     if missing:
         raise DataError(f"features table lacks columns {missing}; "
@@ -99,7 +144,22 @@ def _per_model_matrix(features_df: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarr
         raise DataError(f"features table must hold features 0..{num_features - 1} exactly once "
                         "per model; re-run the feature probes for the incomplete models")
     keys = table.iloc[::num_features][KEY_COLUMNS].reset_index(drop=True)
-    return keys, table["accuracy"].to_numpy(np.float64).reshape(-1, num_features)
+    return keys, table[column].to_numpy(np.float64).reshape(-1, num_features)
+
+
+def sparsity_basis(features_df: pd.DataFrame) -> str:
+    """"margin" when the table has the margin column filled, else "accuracy" (tables written before it)."""
+    return "margin" if "margin" in features_df and features_df["margin"].notna().any() else "accuracy"
+
+
+def model_sparsity(features_df: pd.DataFrame, chance: float = 0.5, floor: float = 0.0,
+                   tol: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """(N_eff, sparsity) per model, in `_per_model_matrix` order, on the table's basis (module docstring)."""
+    if sparsity_basis(features_df) == "margin":
+        margin = _per_model_matrix(features_df, "margin")[1]
+        return margin_effective_features(margin), margin_sparsity(margin)
+    acc = _per_model_matrix(features_df)[1]
+    return effective_num_features(acc, chance, tol, floor), sparsity_index(acc, chance, tol, floor)
 
 
 def feature_table_summary(features_df: pd.DataFrame, evaluations_df: pd.DataFrame | None,
@@ -108,16 +168,16 @@ def feature_table_summary(features_df: pd.DataFrame, evaluations_df: pd.DataFram
 
     Columns: GROUP_KEYS, n_models, rank_{r}_mean / rank_{r}_std for r = 0..F-1 (rank 0 = the
     most important feature of each model), sparsity_*, n_eff_*, test_acc_* (NaN when the
-    evaluations table has no row for a model). Stds use ddof=1, so one seed gives NaN.
-    NaN sparsities (nothing above chance) are skipped by the means; n_sparsity counts the rest.
+    evaluations table has no row for a model), basis ("margin" or "accuracy": `sparsity_basis`).
+    Stds use ddof=1, so one seed gives NaN. NaN sparsities (dead models) are skipped by the
+    means; n_sparsity counts the rest. chance, floor and tol apply to the accuracy basis only.
     """
     keys, acc = _per_model_matrix(features_df)
     num_features = acc.shape[1]
     per_model = keys.copy()
     rank_cols = [f"rank_{r}" for r in range(num_features)]
     per_model[rank_cols] = sorted_importance(acc)
-    per_model["n_eff"] = effective_num_features(acc, chance, tol, floor)
-    per_model["sparsity"] = sparsity_index(acc, chance, tol, floor)
+    per_model["n_eff"], per_model["sparsity"] = model_sparsity(features_df, chance, floor, tol)
     if evaluations_df is not None:
         if "test_acc" not in evaluations_df or any(c not in evaluations_df for c in KEY_COLUMNS):
             raise DataError("evaluations table lacks test_acc or key columns; "
@@ -133,4 +193,4 @@ def feature_table_summary(features_df: pd.DataFrame, evaluations_df: pd.DataFram
     stats.columns = [f"{col}_{stat}" for col, stat in stats.columns]
     stats.insert(0, "n_models", grouped.size())
     stats.insert(1, "n_sparsity", grouped["sparsity"].count())
-    return stats.reset_index()
+    return stats.reset_index().assign(basis=sparsity_basis(features_df))

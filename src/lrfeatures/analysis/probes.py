@@ -19,13 +19,33 @@ from .tables import GEOMETRY_PAIRS, GEOMETRY_POINTS, swa_k_of_choice
 Evaluate = Callable[[torch.Tensor, dict, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+def signed_margin(evaluate: Evaluate, weights: torch.Tensor, frozen: dict, x: torch.Tensor,
+                  y: torch.Tensor) -> torch.Tensor:
+    """Class-balanced mean signed logit (E[z | y=1] - E[z | y=0]) / 2 [M] of binary models.
+
+    BCE(z, y) = softplus(-(2y-1)z) and softplus(a) - softplus(-a) = a, so on one class the loss
+    on the flipped labels minus the loss on the true ones is exactly E[(2y-1)z]: any model the
+    engine can evaluate gives it, without exposing its logits. Balancing the two classes makes
+    a constant logit score exactly 0, whatever the probe set's class counts.
+    """
+    halves = []
+    for label in (0.0, 1.0):
+        rows = y == label
+        xs, ys = x[rows], y[rows]
+        halves.append(evaluate(weights, frozen, xs, 1 - ys)[0] - evaluate(weights, frozen, xs, ys)[0])
+    return (halves[0] + halves[1]) / 2
+
+
 def feature_table(evaluate: Evaluate, keys: pd.DataFrame, weights: torch.Tensor, frozen: dict,
                   x_probe: torch.Tensor, y_probe: torch.Tensor) -> pd.DataFrame:
-    """Accuracy of every model on each single-feature probe set (one row per model and feature)."""
+    """Accuracy and signed margin of every model on each single-feature probe set (one row per model and feature)."""
     tables = []
     for feature in range(x_probe.shape[0]):
-        accuracy = evaluate(weights, frozen, x_probe[feature], y_probe[feature])[1]
-        tables.append(keys.assign(feature=feature, accuracy=accuracy.cpu().numpy()))
+        x, y = x_probe[feature], y_probe[feature]
+        accuracy = evaluate(weights, frozen, x, y)[1]
+        margin = signed_margin(evaluate, weights, frozen, x, y)
+        tables.append(keys.assign(feature=feature, accuracy=accuracy.cpu().numpy(),
+                                  margin=margin.double().cpu().numpy()))
     return pd.concat(tables, ignore_index=True)
 
 
@@ -50,7 +70,7 @@ def geometry_table(evaluate: Evaluate, keys: pd.DataFrame, ft_low: torch.Tensor,
 
 @register_measurement("features", kinds=("synthetic",), summarize=None)
 def single_feature_accuracy(ctx: Any) -> pd.DataFrame:
-    """Accuracy of every final model on each single-feature probe set."""
+    """Accuracy and mean signed margin of every final model on each single-feature probe set."""
     return pd.concat([feature_table(ctx.evaluate, keys, weights, frozen, ctx.data.x_probe, ctx.data.y_probe)
                       for keys, weights, frozen in ctx.solutions], ignore_index=True)
 

@@ -17,35 +17,44 @@ nearest, as the geometry uses: a 2-checkpoint average is still the bouncing pre-
 and a very long average at a large PLR mixes far-apart points of the trajectory). A diverged
 model counts as chance. Each such model is a "variant".
 
-Regime vote, in this order:
-  "3" if the run diverged (non-finite loss can be neither convergence nor equilibrium);
+Regime vote of one seed, in this order:
+  "3" if the run diverged (non-finite loss can be neither convergence nor equilibrium), or if it
+      is at chance: tail_train_acc < chance + chance_margin (a run that learnt nothing is never
+      "converged" or "still descending": its loss and gradient move with noise);
   "1" if it converges: tail_train_loss < loss_threshold, OR grad_ratio < grad_collapse_ratio
       (the stochastic gradient collapses at a minimum but not in a bouncing equilibrium), OR
       descent_ratio < descent_ratio threshold (the loss is still falling, so it has not
       settled at a non-zero level). Any criterion set to None is off;
-  "3" if it stays at chance: tail_train_acc < chance + chance_margin, OR the best variant
-      test accuracy <= chance + post_chance_margin (no better than a random walk);
+  "3" if its best variant test accuracy <= chance + post_chance_margin (no better than a random walk);
   "2" otherwise, split into
-  "2A" if the variants agree and are the best anywhere: spread (max - min over variants)
-       <= spread_tolerance AND best >= global_best - best_tolerance, where global_best is the
-       best variant (seed-mean) accuracy over all PLRs; "2B" otherwise; "2" if no variant
-       exists for that PLR (no fine-tuning / SWA data).
+  "2A" if its variants agree and are its best anywhere: spread (max - min over its variants)
+       <= spread_tolerance AND best >= seed_global_best - best_tolerance, where seed_global_best
+       is the same seed's best variant over all PLRs (the data seed moves every accuracy
+       together); "2B" otherwise; "2" if the seed has no variant (no fine-tuning / SWA data).
 
-Per PLR, the raw label applies the same rules to the `aggregate` (median by default) over
-seeds of each statistic (diverged: more than half the seeds; spread and best: of the per-
-variant seed means). Every seed also votes with its own statistics.
+Labels are read from the votes only, so that a label and its confidence use the same
+statistics: per PLR, share(r) = fraction of its seeds voting r (2 counts 2, 2A and 2B).
+raw_regime = the plurality vote. Monotonicity: regimes must be ordered 1 < 2 < 3 in PLR, and
+2A < 2B inside regime 2. The final labels are the monotone sequence that leaves the fewest seed
+votes unmatched (the sum over PLRs of 1 - share(label)), solved exactly by dynamic programming,
+first over {1, 2, 3}, then over {2A, 2B} inside the regime-2 block; a PLR whose 2A/2B label
+has no majority of its seeds' votes is labelled "2" (regime 2, sub-regime undecided), so every
+2A or 2B label is backed by most of its seeds.
 
-Monotonicity: regimes must be ordered 1 < 2 < 3 in PLR, and 2A < 2B inside regime 2. The
-final labels are the monotone sequence that changes the fewest raw labels; ties are broken by
-the per-seed votes (fewest disagreeing seeds). This is solved exactly by dynamic programming,
-first over {1, 2, 3}, then over {2A, 2B} inside the regime-2 block.
-
-confidence = fraction of seeds whose own vote equals the final label, halved when the
-monotone rule changed that PLR's raw label; NaN for a 2A/2B label inferred for a PLR that
-has no variants. A boundary lies between the last PLR of the lower regime and the first of
+confidence = share(final label): the fraction of the PLR's seeds whose own vote is its label
+(so a label set by the monotone rule against its seeds shows a low confidence).
+relabelled = final label != plurality vote.
+The per-PLR statistics (the `aggregate`, median by default, over seeds; post_best and
+post_spread of the per-variant seed means) are reported for the reader and not voted on.
+A boundary lies between the last PLR of the lower regime and the first of
 the upper one: estimate = their geometric mean, margin = half their log10 gap (decades),
 confidence = the lower of the two PLRs' confidences. A boundary is None when the grid lacks
 either side (e.g. every PLR converges).
+
+Convergence time (SPEC §4): `steps_to_convergence` gives, per pre-training run, the first
+logged step (iteration for the synthetic task, epoch for images) whose train loss is below
+CONVERGED_LOSS, and +inf when no logged step is: a right-censored time, so the median over
+seeds is finite exactly when more than half of the seeds converged.
 """
 
 from __future__ import annotations
@@ -78,12 +87,14 @@ class RegimeCriteria:
     descent_ratio: float | None = 0.7          # 1: tail loss below this × mid-run loss
     chance_margin: float = 0.05                # 3: final train acc below chance + this
     post_chance_margin: float | None = 0.02    # 3: best fine-tuned/SWA test acc <= chance + this
-    spread_tolerance: float = 0.03             # 2A: max - min test acc over variants
-    best_tolerance: float = 0.02               # 2A: best variant within this of the global best
+    # One seed's test accuracies (2,000 test samples: SE ~0.01 each) are noisier than seed means,
+    # and a seed votes with its own: the 2A tolerances leave room for that noise.
+    spread_tolerance: float = 0.05             # 2A: max - min test acc over a seed's variants
+    best_tolerance: float = 0.04               # 2A: a seed's best variant within this of its best anywhere
     finetune_below_plr_only: bool = True       # variants: only FLR <= flr_ratio x PLR
     flr_ratio: float = 0.5                     # an FLR close to the PLR still bounces: not fine-tuning
     swa_ks: tuple[int, ...] | None = None      # variants: SWA K values (None: nearest 5; (): none)
-    aggregate: str = "median"                  # "median" or "mean" over seeds
+    aggregate: str = "median"                  # "median" or "mean" over seeds (reported statistics)
 
     def __post_init__(self):
         if not 0 < self.chance < 1:
@@ -186,6 +197,21 @@ def run_statistics(metrics: pd.DataFrame, criteria: RegimeCriteria) -> pd.DataFr
     return stats
 
 
+CONVERGED_LOSS = 1e-2  # "converged": a logged train loss below this (as the image engine's epochs_to_convergence)
+
+
+def steps_to_convergence(metrics: pd.DataFrame, threshold: float = CONVERGED_LOSS) -> pd.DataFrame:
+    """Per pre-training run: RUN_KEYS, steps_to_convergence (first logged step with train loss < threshold; +inf if none)."""
+    _require(metrics, ["stage", *RUN_KEYS, "step", "train_loss"], "metrics")
+    pre = metrics[metrics["stage"] == "pretrain"]
+    below = pre["train_loss"].astype(float) < threshold  # NaN (diverged) is never below
+    if "diverged" in pre:
+        below &= ~pre["diverged"].astype(bool)
+    first = pre["step"].astype(float).where(below, np.inf)
+    return (pre[RUN_KEYS].assign(steps_to_convergence=first).groupby(RUN_KEYS, sort=True)
+            ["steps_to_convergence"].min().reset_index())
+
+
 def variant_accuracies(evaluations: pd.DataFrame | None, criteria: RegimeCriteria) -> pd.DataFrame:
     """Test accuracy of every post-training variant: columns RUN_KEYS, variant, test_acc."""
     columns = RUN_KEYS + ["variant", "test_acc"]
@@ -202,8 +228,8 @@ def variant_accuracies(evaluations: pd.DataFrame | None, criteria: RegimeCriteri
         swa = swa[swa["swa_k"] == swa_k_of_choice(swa["swa_k"].unique())]
     else:
         swa = swa[swa["swa_k"].isin(criteria.swa_ks)]
-    finetune = finetune.assign(variant="flr=" + finetune["flr"].map(repr))
-    swa = swa.assign(variant="swa_k=" + swa["swa_k"].map(str))
+    finetune = finetune.assign(variant="flr=" + finetune["flr"].map(repr).astype(str))  # str even when empty
+    swa = swa.assign(variant="swa_k=" + swa["swa_k"].map(str).astype(str))
     variants = pd.concat([finetune, swa], ignore_index=True)
     acc = variants["test_acc"].astype(float)
     if "diverged" in variants:
@@ -221,13 +247,16 @@ def _label_123(diverged, loss, acc, grad_ratio, descent, post_best, c: RegimeCri
             converged |= np.asarray(grad_ratio, float) < c.grad_collapse_ratio
         if c.descent_ratio is not None:
             converged |= np.asarray(descent, float) < c.descent_ratio
-        at_chance = np.asarray(acc, float) < c.chance + c.chance_margin
+        # A run at chance has learnt nothing: its loss and gradient move with noise, not descent.
+        train_at_chance = ~(np.asarray(acc, float) >= c.chance + c.chance_margin)
+        post_at_chance = np.zeros(len(loss), bool)
         if c.post_chance_margin is not None:
-            at_chance |= np.asarray(post_best, float) <= c.chance + c.post_chance_margin
-    return np.where(np.asarray(diverged, bool), "3", np.where(converged, "1", np.where(at_chance, "3", "2")))
+            post_at_chance = np.asarray(post_best, float) <= c.chance + c.post_chance_margin
+    label = np.where(converged, "1", np.where(post_at_chance, "3", "2"))
+    return np.where(np.asarray(diverged, bool) | train_at_chance, "3", label)
 
 
-def _label_2ab(spread, best, global_best: float, c: RegimeCriteria) -> np.ndarray:
+def _label_2ab(spread, best, global_best, c: RegimeCriteria) -> np.ndarray:
     """'2A' / '2B', or '' where there is no variant to judge."""
     spread, best = np.asarray(spread, float), np.asarray(best, float)
     with np.errstate(invalid="ignore"):
@@ -251,12 +280,15 @@ def _monotone_labels(cost: np.ndarray) -> np.ndarray:
     return labels
 
 
-def _resolve(raw: np.ndarray, fractions: np.ndarray, names: list[str]) -> np.ndarray:
-    """Monotone labels: fewest changes of `raw` first, then fewest disagreeing seeds."""
-    tie_weight = 1.0 / (len(raw) + 1)  # all tie-break terms together stay below one change
-    changed = np.array([[r != "" and r != name for name in names] for r in raw], float)
-    cost = changed + tie_weight * (1 - np.nan_to_num(fractions, nan=1.0))
-    return np.asarray(names)[_monotone_labels(cost)]
+def _resolve(shares: np.ndarray, names: list[str]) -> np.ndarray:
+    """Monotone labels [n] that leave the fewest seed votes unmatched; shares[p, j] = votes for names[j]."""
+    return np.asarray(names)[_monotone_labels(1 - np.nan_to_num(shares, nan=0.0))]
+
+
+def _plurality(shares: np.ndarray, names: list[str]) -> np.ndarray:
+    """The most voted name per row ('' where no seed voted; ties: the earlier name)."""
+    voted = np.nansum(shares, axis=1) > 0
+    return np.where(voted, np.asarray(names)[np.argmax(np.nan_to_num(shares, nan=-1.0), axis=1)], "")
 
 
 def _boundary(per_plr: pd.DataFrame, lower: set[str], upper: set[str]) -> Boundary | None:
@@ -273,31 +305,35 @@ def _boundary(per_plr: pd.DataFrame, lower: set[str], upper: set[str]) -> Bounda
                     confidence=float(confidence))
 
 
+def _seed_votes(seeds: pd.DataFrame, variants: pd.DataFrame, c: RegimeCriteria) -> pd.DataFrame:
+    """Every seed's statistics and its own vote: vote_group (1/2/3) and vote (1/2/2A/2B/3)."""
+    post = variants.groupby(RUN_KEYS)["test_acc"].agg(seed_best="max", seed_min="min")
+    post["seed_spread"] = post["seed_best"] - post["seed_min"]
+    # "The best anywhere" is judged against the same seed's best over the grid: the data seed moves
+    # every accuracy together, and a seed is compared with itself as the PLR's label is with its votes.
+    post["seed_global_best"] = post.groupby(["data_seed", "train_seed"])["seed_best"].transform("max")
+    seeds = seeds.merge(post.reset_index(), on=RUN_KEYS, how="left")
+    group = _label_123(seeds["diverged"], seeds["tail_train_loss"], seeds["tail_train_acc"],
+                       seeds["grad_ratio"], seeds["descent_ratio"], seeds["seed_best"], c)
+    sub = _label_2ab(seeds["seed_spread"], seeds["seed_best"], seeds["seed_global_best"], c)
+    return seeds.assign(vote_group=group, vote=np.where((group == "2") & (sub != ""), sub, group))
+
+
 def detect_regimes(metrics: pd.DataFrame, evaluations: pd.DataFrame | None,
                    criteria: RegimeCriteria = RegimeCriteria()) -> RegimeReport:
     """Label every PLR with regime 1 / 2A / 2B / 3 and locate the boundaries (see module docstring)."""
     c = criteria
-    seeds = run_statistics(metrics, c)
+    stats = run_statistics(metrics, c)  # first: it checks the metrics table
     variants = variant_accuracies(evaluations, c)
+    seeds = _seed_votes(stats, variants, c)
 
-    # Post-training quality per seed and per PLR (spread and best of the per-variant seed means).
-    per_seed_post = variants.groupby(RUN_KEYS)["test_acc"].agg(seed_best="max", seed_min="min")
-    per_seed_post["seed_spread"] = per_seed_post["seed_best"] - per_seed_post["seed_min"]
+    # Per-PLR statistics, for the reader: the aggregate of each seed statistic, and the
+    # spread and best of the per-variant seed means.
     variant_means = variants.groupby(["plr", "variant"])["test_acc"].mean().groupby(level="plr")
     per_plr_post = pd.DataFrame({"post_best": variant_means.max(),
                                  "post_spread": variant_means.max() - variant_means.min(),
                                  "n_variants": variant_means.size()})
     global_best = float(per_plr_post["post_best"].max()) if len(per_plr_post) else float("nan")
-
-    # Per-seed votes.
-    seeds = seeds.merge(per_seed_post.reset_index(), on=RUN_KEYS, how="left")
-    vote = _label_123(seeds["diverged"], seeds["tail_train_loss"], seeds["tail_train_acc"],
-                      seeds["grad_ratio"], seeds["descent_ratio"], seeds["seed_best"], c)
-    sub = _label_2ab(seeds["seed_spread"], seeds["seed_best"], global_best, c)
-    seeds["vote"] = np.where((vote == "2") & (sub != ""), sub, vote)
-    seeds["vote_group"] = vote
-
-    # Per-PLR aggregates and raw labels.
     stat_cols = ["tail_train_loss", "tail_train_acc", "grad_ratio", "descent_ratio"]
     by_plr = seeds.groupby("plr", sort=True)
     per_plr = by_plr[stat_cols].agg(c.aggregate)
@@ -305,36 +341,30 @@ def detect_regimes(metrics: pd.DataFrame, evaluations: pd.DataFrame | None,
     per_plr.insert(1, "n_diverged", by_plr["diverged"].sum())
     per_plr = per_plr.join(per_plr_post, how="left").reset_index()
     per_plr["n_variants"] = per_plr["n_variants"].fillna(0).astype(int)
-    raw_group = _label_123(per_plr["n_diverged"] > per_plr["n_seeds"] / 2, per_plr["tail_train_loss"],
-                           per_plr["tail_train_acc"], per_plr["grad_ratio"], per_plr["descent_ratio"],
-                           per_plr["post_best"], c)
-    raw_sub = _label_2ab(per_plr["post_spread"], per_plr["post_best"], global_best, c)
+
+    # Vote shares per PLR over all its seeds; the labels are read from these shares only.
+    names = ["1", "2", "2A", "2B", "3"]
+    counts = pd.crosstab(seeds["plr"], seeds["vote"]).reindex(index=per_plr["plr"], columns=names, fill_value=0)
+    frac = {name: counts[name].to_numpy(float) / per_plr["n_seeds"].to_numpy(float) for name in names}
+    group_shares = np.stack([frac["1"], frac["2"] + frac["2A"] + frac["2B"], frac["3"]], axis=1)
+    sub_shares = np.stack([frac["2A"], frac["2B"]], axis=1)
+    raw_group, raw_sub = _plurality(group_shares, ["1", "2", "3"]), _plurality(sub_shares, ["2A", "2B"])
     per_plr["raw_regime"] = np.where((raw_group == "2") & (raw_sub != ""), raw_sub, raw_group)
 
-    # Vote fractions per PLR, over all seeds (frac_*) and over seeds with a 2A/2B vote (sub).
-    counts = pd.crosstab(seeds["plr"], seeds["vote"]).reindex(
-        index=per_plr["plr"], columns=["1", "2", "2A", "2B", "3"], fill_value=0)
-    n_seeds = per_plr["n_seeds"].to_numpy(float)
-    frac = {name: counts[name].to_numpy(float) / n_seeds for name in counts.columns}
-    frac_2 = frac["2"] + frac["2A"] + frac["2B"]
-    n_sub = (counts["2A"] + counts["2B"]).to_numpy(float)
-    sub_frac = np.stack([_ratio(counts["2A"], n_sub), _ratio(counts["2B"], n_sub)], axis=1)
-
     # Monotone resolution: first 1 < 2 < 3, then 2A < 2B inside the regime-2 block.
-    group = _resolve(raw_group, np.stack([frac["1"], frac_2, frac["3"]], axis=1), ["1", "2", "3"])
-    final = group.astype(object)
-    block = np.flatnonzero(group == "2")
+    final = _resolve(group_shares, ["1", "2", "3"]).astype(object)
+    block = np.flatnonzero(final == "2")
     if len(block) and (raw_sub[block] != "").any():
-        final[block] = _resolve(raw_sub[block], sub_frac[block], ["2A", "2B"])
+        sub = _resolve(sub_shares[block], ["2A", "2B"])
+        # A split the PLR's own seeds do not back (no majority) stays "2": regime 2, sub-regime open.
+        backed = np.choose((sub == "2B").astype(int), sub_shares[block].T) > 0.5
+        final[block] = np.where(backed, sub, "2")
     per_plr["regime"] = final.astype(str)
 
-    own = {"1": frac["1"], "2": frac_2, "2A": frac["2A"], "2B": frac["2B"], "3": frac["3"]}
+    own = {"1": frac["1"], "2": group_shares[:, 1], "2A": frac["2A"], "2B": frac["2B"], "3": frac["3"]}
     confidence = np.choose(pd.Categorical(final, categories=list(own)).codes, list(own.values()))
-    inferred = np.isin(final, ["2A", "2B"]) & (raw_sub == "")
-    relabelled = (final != per_plr["raw_regime"].to_numpy()) & ~inferred
-    confidence = np.where(relabelled, confidence / 2, confidence)
-    per_plr["confidence"] = np.where(inferred, np.nan, confidence)
-    per_plr["relabelled"] = relabelled
+    per_plr["confidence"] = confidence
+    per_plr["relabelled"] = final != per_plr["raw_regime"].to_numpy()
     for name, values in frac.items():
         per_plr[f"frac_{name}"] = values
 

@@ -17,9 +17,11 @@ from .. import __version__
 from ..config import to_dict
 from ..models.registry import model_entry
 from ..store import ExperimentStore, write_json
+from .curvature import add_curvature_blocks
 from .features import SUMMARY_TOL, feature_table_summary, noise_floor
+from .findings import build_findings
 from .measurements import MEASUREMENTS, measurement_blocks
-from .regimes import NO_REGIME_REASON, RegimeCriteria, detect_regimes
+from .regimes import CONVERGED_LOSS, NO_REGIME_REASON, RegimeCriteria, detect_regimes, steps_to_convergence
 from .tables import clean, mean_std
 
 
@@ -41,9 +43,27 @@ def stage_block(evaluations: pd.DataFrame, feature_stats: pd.DataFrame | None) -
         ranks = sorted(int(c[5:-5]) for c in feature_stats.columns if c.startswith("rank_") and c.endswith("_mean"))
         block["sorted_feature_acc"] = {"mean": [clean(row[f"rank_{r}_mean"]) for r in ranks],
                                        "std": [clean(row[f"rank_{r}_std"]) for r in ranks]}
-        block["sparsity_index"] = {"mean": clean(row["sparsity_mean"]), "std": clean(row["sparsity_std"])}
+        block["sparsity_index"] = {"mean": clean(row["sparsity_mean"]), "std": clean(row["sparsity_std"]),
+                                   "basis": row["basis"]}
         block["effective_features"] = {"mean": clean(row["n_eff_mean"]), "std": clean(row["n_eff_std"])}
     return block
+
+
+def convergence_unit(cfg: Any) -> str:
+    """What a logged step counts: iterations (synthetic) or epochs (image experiments)."""
+    return "iterations" if getattr(cfg, "kind", "synthetic") == "synthetic" else "epochs"
+
+
+def convergence_block(times: pd.Series, unit: str) -> dict[str, Any]:
+    """Median and quartiles over seeds of a PLR's times to convergence (+inf = not converged: null when it decides)."""
+    times = times.to_numpy(float)
+
+    def finite(q: float) -> float | None:
+        with np.errstate(invalid="ignore"):  # inf - inf between two censored seeds: NaN, i.e. null
+            return clean(np.quantile(times, q)) if len(times) else None
+
+    return {"unit": unit, "threshold": CONVERGED_LOSS, "median": finite(0.5), "q25": finite(0.25),
+            "q75": finite(0.75), "n_converged": int(np.isfinite(times).sum()), "n": int(len(times))}
 
 
 def dataset_info(store: ExperimentStore, cfg: Any) -> dict[str, Any] | None:
@@ -91,6 +111,8 @@ def build_summary(store: ExperimentStore) -> dict[str, Any]:
         mask &= feature_stats["flr"].isna() if math.isnan(flr) else np.isclose(feature_stats["flr"], flr)
         return feature_stats[mask]
 
+    convergence = steps_to_convergence(metrics)
+    unit = convergence_unit(cfg)
     per_plr = []
     for plr in cfg.pretrain.lrs:
         at_plr = evaluations[np.isclose(evaluations["plr"], plr)]
@@ -107,11 +129,15 @@ def build_summary(store: ExperimentStore) -> dict[str, Any]:
             entry["geometry"] = {pair: {name: quantiles(group[name])
                                         for name in ("angle", "train_barrier", "test_barrier")}
                                  for pair, group in at.groupby("pair")}
+        entry["convergence"] = convergence_block(
+            convergence.loc[np.isclose(convergence["plr"], plr), "steps_to_convergence"], unit)
         per_plr.append(entry)
+    add_curvature_blocks(store, per_plr)  # curvature per PLR (analysis/curvature.py), only when measured
     summary = {"version": __version__, "name": cfg.name, "config": to_dict(cfg),
                "plrs": list(cfg.pretrain.lrs), "flrs": list(cfg.finetune.lrs), "swa_ks": list(cfg.swa.ks),
                "regimes": regimes, "per_plr": per_plr,
                "measurements": measurement_blocks(measurement_tables(store))}
+    summary["findings"] = build_findings(summary)
     if info:
         summary["dataset"] = info
         summary["chance"] = criteria.chance

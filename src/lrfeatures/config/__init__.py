@@ -9,16 +9,17 @@ from .base import (CONFIG_KINDS, apply_overrides, check_lrs, check_positive, coe
                    get_field, load_config, parse_override, preset_names, read_toml, register_config_kind, to_dict)
 from .images import (ImageAnalysisConfig, ImageConfig, ImageDataConfig, ImageEngineConfig, ImageFinetuneConfig,
                      ImageOptimizerConfig, ImagePretrainConfig)
-from .sections import ModelConfig, SeedsConfig, SphereConfig, SWAConfig, check_shared
-from .synthetic import EngineConfig, FinetuneConfig, PretrainConfig, SyntheticConfig, SyntheticDataConfig
+from .sections import CurvatureConfig, ModelConfig, SeedsConfig, SphereConfig, SWAConfig, check_curvature, check_shared
+from .synthetic import (EngineConfig, FinetuneConfig, PretrainConfig, PretrainStage, SyntheticConfig,
+                        SyntheticDataConfig)
 
 register_config_kind("synthetic", SyntheticConfig)
 register_config_kind("images", ImageConfig)
 
 __all__ = [
-    "CONFIG_KINDS", "EngineConfig", "FinetuneConfig", "ImageAnalysisConfig", "ImageConfig", "ImageDataConfig",
+    "CONFIG_KINDS", "CurvatureConfig", "EngineConfig", "FinetuneConfig", "ImageAnalysisConfig", "ImageConfig", "ImageDataConfig",
     "ImageEngineConfig", "ImageFinetuneConfig", "ImageOptimizerConfig", "ImagePretrainConfig", "ModelConfig",
-    "PretrainConfig", "SWAConfig", "SeedsConfig", "SphereConfig", "SyntheticConfig", "SyntheticDataConfig",
-    "apply_overrides", "check_lrs", "check_positive", "check_shared", "coerce", "dump_toml", "from_dict",
+    "PretrainConfig", "PretrainStage", "SWAConfig", "SeedsConfig", "SphereConfig", "SyntheticConfig", "SyntheticDataConfig",
+    "apply_overrides", "check_curvature", "check_lrs", "check_positive", "check_shared", "coerce", "dump_toml", "from_dict",
     "get_field", "load_config", "parse_override", "preset_names", "read_toml", "register_config_kind", "to_dict",
 ]

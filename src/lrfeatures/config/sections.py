@@ -64,6 +64,35 @@ class FinetuneGrid:
     lrs: list[float] = field(default_factory=lambda: [1e-4, 1e-3])
 
 
+CURVATURE_STAGES = ("pretrain", "finetune", "swa")
+
+
+@dataclass
+class CurvatureConfig:
+    """Curvature of the final models (lrfeatures.analysis.curvature), on a seeded training subset."""
+
+    enabled: bool = False     # off: no curvature table (it costs HVPs for every model)
+    samples: int = 128        # training samples of the fixed, seeded subset (all, if there are fewer)
+    top_k: int = 5            # Hessian eigenvalues reported (Lanczos)
+    iterations: int = 20      # Lanczos steps (>= top_k; more: more accurate lower eigenvalues)
+    probes: int = 8           # Rademacher probes of the Hutchinson trace
+    stages: list[str] = field(default_factory=lambda: list(CURVATURE_STAGES))  # which final models
+    seed: int = 0             # subset, start vectors and probes
+
+
+def check_curvature(cfg: CurvatureConfig) -> None:
+    """Counts > 0, k <= iterations, known stages (one-line errors)."""
+    for name in ("samples", "top_k", "iterations", "probes"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"curvature.{name}={getattr(cfg, name)} must be > 0")
+    if cfg.iterations < cfg.top_k:
+        raise ConfigError(f"curvature.iterations={cfg.iterations} must be >= curvature.top_k={cfg.top_k} "
+                          "(Lanczos finds at most one eigenvalue per step)")
+    unknown = [s for s in cfg.stages if s not in CURVATURE_STAGES]
+    if unknown or not cfg.stages:
+        raise ConfigError(f"curvature.stages={cfg.stages} must list some of: {', '.join(CURVATURE_STAGES)}")
+
+
 @dataclass
 class ExperimentSections:
     """The sections every experiment config has; a kind adds its data, grids and engine."""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
-from .sections import ExperimentSections, FinetuneGrid, PretrainGrid, check_shared
+from .sections import CurvatureConfig, ExperimentSections, FinetuneGrid, PretrainGrid, check_curvature, check_shared
 
 
 @dataclass
@@ -23,12 +24,43 @@ class SyntheticDataConfig:
 
 
 @dataclass
+class PretrainStage:
+    """One pre-training stage before the last: a fixed ELR (`lr`) or a multiple of the grid PLR (`lr_scale`)."""
+
+    lr: float = 0.0          # this stage's effective LR for every grid PLR (0: use lr_scale)
+    lr_scale: float = 0.0    # or lr_scale x the grid PLR (0: use lr)
+    iterations: int = 0
+
+
+@dataclass
 class PretrainConfig(PretrainGrid):
-    """Pre-training over a grid of effective learning rates (PLRs), counted in iterations."""
+    """Pre-training over a grid of effective learning rates (PLRs), counted in iterations.
+
+    `stages` run first, in order, each from the previous one's weights; the last stage is always
+    `iterations` steps at the grid PLR, and its checkpoints feed SWA and its weights fine-tuning.
+    """
 
     iterations: int = 1000
     ckpt_every: int = 100
     log_every: int = 100
+    stages: list[PretrainStage] = field(default_factory=list)  # [] = one stage at the grid PLR
+
+
+def check_stages(stages: list[PretrainStage]) -> None:
+    """Each earlier stage needs iterations > 0 and exactly one of lr > 0 or lr_scale > 0."""
+    for i, stage in enumerate(stages):
+        where = f"pretrain.stages[{i}]"
+        if stage.lr == 0 and stage.lr_scale == 0 and stage.iterations == 0:
+            raise ConfigError(f"{where} is empty; give e.g. {{lr = 0.03, iterations = 2000}} or remove it")
+        for name in ("lr", "lr_scale"):
+            value = getattr(stage, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{where}.{name}={value} must be > 0 (a learning rate)")
+        if (stage.lr > 0) == (stage.lr_scale > 0):
+            raise ConfigError(f"{where} must set exactly one of lr (an ELR) or lr_scale (x the grid PLR), "
+                              "each > 0")
+        if stage.iterations <= 0:
+            raise ConfigError(f"{where}.iterations={stage.iterations} must be > 0")
 
 
 @dataclass
@@ -61,6 +93,7 @@ class SyntheticConfig(ExperimentSections):
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field and how to fix it."""
@@ -81,6 +114,8 @@ class SyntheticConfig(ExperimentSections):
             raise ConfigError(f"engine.name={self.engine.name!r} is unknown; use 'grid' or 'reference'")
         if self.engine.train_seeds_per_shard < 0:
             raise ConfigError("engine.train_seeds_per_shard must be >= 0 (0 = all seeds in one shard)")
+        check_stages(self.pretrain.stages)
+        check_curvature(self.curvature)
 
     @property
     def checkpoints_kept(self) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .files import data_home, download_file, read_verified
+from .files import check_unpacked_size, data_home, download_file, read_verified
 from .imageset import ImageDataset, LoadOptions, keep_first_per_class
 
 
@@ -139,6 +139,7 @@ def parse_cifar_archive(data: bytes, archive: CifarArchive, where: str = "archiv
                 if member not in files:
                     raise DataError(f"{where} has no member {member!r}; use the official "
                                     f"{archive.filename}")
+                check_unpacked_size(iter([files[member].size]), f"{where}:{member}")  # read whole: bounded first
                 return safe_loads(tar.extractfile(files[member]).read(), f"{where}:{member}")
 
             meta = _str_keys(load(archive.meta_member), f"{where}:{archive.meta_member}")

@@ -2,7 +2,9 @@
 
 A file tree is read through a *source*: a directory, a tar archive (.tar, .tar.gz) or a zip
 archive, all seen as posix relative paths with hidden parts (".DS_Store", "._x.jpg",
-"__MACOSX/._y") skipped. `open_source` checks an archive's digest before anything in it is read.
+"__MACOSX/._y") skipped. `open_source` checks an archive's digest before anything in it is read,
+and unpacks a gzip stream into a temp file, never past $LRFEATURES_MAX_UNPACKED_GB (a gzip bomb
+stops there). `tree_fingerprint` is a tree's identity for the experiment store.
 """
 
 from __future__ import annotations
@@ -19,16 +21,19 @@ import urllib.request
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import IO, Iterator, Protocol
 
 import numpy as np
 import torch
 
 from ..errors import DataError
+from ..store.files import file_hash
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # What a damaged archive raises while its members are read (gzip.BadGzipFile is an OSError).
 ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error)
+MAX_UNPACKED_ENV = "LRFEATURES_MAX_UNPACKED_GB"
+DEFAULT_MAX_UNPACKED_GB = 8.0
 
 
 # ---------------------------------------------------------------- checksums and download
@@ -173,6 +178,70 @@ class ZipSource:
         return [self.archive.read(self.members[n]) for n in names]
 
 
+def unpacked_limit() -> int:
+    """Most bytes an archive may unpack to ($LRFEATURES_MAX_UNPACKED_GB, default 8): a gzip bomb stops there."""
+    text = os.environ.get(MAX_UNPACKED_ENV, "")
+    try:
+        return int(float(text or DEFAULT_MAX_UNPACKED_GB) * 2**30)
+    except ValueError:
+        raise DataError(f"${MAX_UNPACKED_ENV}={text!r} must be a number of GiB") from None
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (tarfile's "not a tar archive" spans five)."""
+    return " ".join(str(err).split())
+
+
+def check_file_digest(path: Path, sha256: str | None) -> None:
+    """Raise DataError unless the file has the given sha256 (read in blocks, never whole)."""
+    if not sha256:
+        return
+    actual = file_hash(path)
+    if actual != sha256.lower():
+        raise DataError(f"{path} is corrupt or incomplete (sha256 {actual}, expected {sha256.lower()}); "
+                        "delete it and download it again, or pass the sha256 of your own copy")
+
+
+def gunzip_limited(path: Path, limit: int) -> IO[bytes]:
+    """The decompressed content of a .gz file in an anonymous temp file, stopping past `limit` bytes."""
+    out = tempfile.TemporaryFile()
+    with gzip.open(path, "rb") as stream:
+        while block := stream.read(1 << 20):
+            if out.tell() + len(block) > limit:
+                out.close()
+                raise DataError(f"{path} unpacks to more than {limit / 2**30:g} GiB; raise "
+                                f"${MAX_UNPACKED_ENV} if it really is that large")
+            out.write(block)
+    out.seek(0)
+    return out
+
+
+def check_unpacked_size(sizes: Iterator[int], where: str) -> None:
+    """Refuse an archive whose members declare more bytes than the unpacked limit."""
+    limit = unpacked_limit()
+    if sum(sizes) > limit:
+        raise DataError(f"{where} unpacks to more than {limit / 2**30:g} GiB; raise ${MAX_UNPACKED_ENV} "
+                        "if it really is that large")
+
+
+def open_archive(path: Path, stack: contextlib.ExitStack) -> Source:
+    """A zip or tar source over an archive file; gzip is inflated in a stream to a temp file, with a limit."""
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic == b"PK\x03\x04":
+        archive = stack.enter_context(zipfile.ZipFile(path))
+        check_unpacked_size((info.file_size for info in archive.infolist()), str(path))
+        return ZipSource(archive)
+    if magic[:2] == b"\x1f\x8b":  # inflated once: member reads then seek in a plain file
+        fileobj = stack.enter_context(gunzip_limited(path, unpacked_limit()))
+        tar = stack.enter_context(tarfile.open(fileobj=fileobj, mode="r:"))
+    else:
+        tar = stack.enter_context(tarfile.open(path, mode="r:*"))
+    source = TarSource(tar)
+    check_unpacked_size((m.size for m in source.members.values()), str(path))
+    return source
+
+
 @contextlib.contextmanager
 def open_source(path: Path, sha256: str | None, what: str, prefix: str) -> Iterator[Source]:
     """The file tree at `path`: a folder, or a tar/.tar.gz/zip archive whose sha256 is checked first.
@@ -185,26 +254,30 @@ def open_source(path: Path, sha256: str | None, what: str, prefix: str) -> Itera
         return
     if not path.is_file():
         raise DataError(f"{what} {where} does not exist; check the path after '{prefix}:'")
-    data = read_verified(path, sha256=sha256)
-    try:
-        if data[:4] == b"PK\x03\x04":
-            opened: tarfile.TarFile | zipfile.ZipFile = zipfile.ZipFile(io.BytesIO(data))
-            source: Source = ZipSource(opened)
-        else:
-            # Inflate once up front: member reads then seek in memory instead of re-inflating.
-            if data[:2] == b"\x1f\x8b":
-                data = gzip.decompress(data)
-            opened = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
-            source = TarSource(opened)
-    except (*ARCHIVE_ERRORS, OSError) as err:
-        raise DataError(f"{where} is neither a folder nor a readable tar or zip archive ({err}); "
-                        "give a folder or a .tar.gz or .zip of one") from None
-    try:
-        yield source
-    except ARCHIVE_ERRORS as err:
-        raise DataError(f"{where} is a damaged archive ({err}); get a fresh copy") from None
-    finally:
-        opened.close()
+    check_file_digest(path, sha256)
+    with contextlib.ExitStack() as stack:
+        try:
+            source = open_archive(path, stack)
+        except (*ARCHIVE_ERRORS, OSError) as err:
+            raise DataError(f"{where} is neither a folder nor a readable tar or zip archive ({one_line(err)}); "
+                            "give a folder or a .tar.gz or .zip of one") from None
+        try:
+            yield source
+        except ARCHIVE_ERRORS as err:
+            raise DataError(f"{where} is a damaged archive ({one_line(err)}); get a fresh copy") from None
+
+
+def tree_fingerprint(path: Path) -> str:
+    """The identity of a file tree: sha256 of an archive file, or of a folder's visible file names and contents."""
+    if path.is_file():
+        return "sha256:" + file_hash(path)
+    if not path.is_dir():
+        return ""
+    digest = hashlib.sha256()
+    source = DirSource(path)
+    for name in source.names():
+        digest.update(name.encode() + b"\0" + file_hash(path / name).encode() + b"\n")
+    return "tree-sha256:" + digest.hexdigest()
 
 
 def decode_images(blobs: list[bytes], names: list[str], where: str, rgb: bool = False) -> torch.Tensor:

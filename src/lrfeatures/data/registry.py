@@ -24,14 +24,15 @@ from typing import Any, Callable
 
 from ..config import SyntheticDataConfig
 from ..errors import ConfigError
-from .cifar import cifar_loader
+from .cifar import CIFAR, cifar_loader
+from .files import tree_fingerprint
 from .folder import load_folder_entry
 from .imageset import LoadOptions
 from .synthetic import SHAPES, SyntheticData, make_synthetic
 from .synthetic_images import load_band_signal
 from .tinyimagenet import load_tiny_imagenet_entry
 
-__all__ = ["DATASETS", "DatasetEntry", "LoadOptions", "dataset_entry", "dataset_names",
+__all__ = ["DATASETS", "DatasetEntry", "LoadOptions", "dataset_entry", "dataset_fingerprint", "dataset_names",
            "image_dataset_names", "register_dataset"]
 
 INPUT_KINDS = {"vector": "flat 2-D shape features (data.shape)", "image": "uint8 images (data.dataset)"}
@@ -100,6 +101,17 @@ def dataset_entry(spec: str, input_kind: str = "image") -> tuple[DatasetEntry, s
     if colon and not entry.takes_path:
         raise ConfigError(f"{key}={spec!r} takes no argument; write {name}")
     return entry, arg
+
+
+def dataset_fingerprint(spec: str, root: str | None = None, sha256: str | None = None) -> str:
+    """The identity of an image set's files: CIFAR's md5 (or the given sha256), a folder's file names and
+    contents, an archive's sha256; "" for generated sets (their config is their identity)."""
+    entry, arg = dataset_entry(spec)
+    if entry.name in CIFAR:
+        return f"{entry.name}:" + (f"sha256:{sha256.lower()}" if sha256 else f"md5:{CIFAR[entry.name].md5}")
+    if entry.takes_path:
+        return tree_fingerprint(LoadOptions(root=root).path(arg).expanduser())
+    return ""
 
 
 def _shape_loader(name: str) -> Callable[[SyntheticDataConfig, int], SyntheticData]:

@@ -2,7 +2,9 @@
 
 The C source is compiled at first use for this machine ($CC, gcc or cc; GCC or clang; -O3
 -march=native or -mcpu=native) into a per-user cache, keyed by the source, the flags and the
-CPU. Without a working C compiler the grid engine falls back to its torch kernels (with a
+CPU. The cache folder is made with mode 0700 and used only if this user owns it and no one else
+may write it (else a private folder in the temp directory, with one warning); the library's
+sha256 is recorded at build time and checked before ctypes loads it, so a planted .so never runs. Without a working C compiler the grid engine falls back to its torch kernels (with a
 warning). The kernel splits the models of a chunk into ranges that torch's thread count of
 workers take in turn; ctypes releases the GIL, so the workers run in parallel.
 """
@@ -13,6 +15,7 @@ import ctypes
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -34,6 +37,7 @@ REALS = {torch.float32: "float", torch.float64: "double"}
 RULES = {"projected": 0, "riemannian": 1}
 _libraries: dict[torch.dtype, ctypes.CDLL | None] = {}
 _pool: tuple[tuple[int, int], ThreadPoolExecutor] | None = None
+_warned: set[str] = set()
 
 
 def cache_dir() -> Path:
@@ -41,6 +45,57 @@ def cache_dir() -> Path:
     base = os.environ.get("LRF_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lrfeatures")
     return Path(base) / "native"
+
+
+def fallback_cache_dir() -> Path:
+    """A per-user private folder in the temp directory, used when the cache folder is not private."""
+    return Path(tempfile.gettempdir()) / f"lrfeatures-{os.getuid()}-native"
+
+
+def is_private(folder: Path) -> bool:
+    """A real folder owned by this user that no one else may write (else anyone could plant a .so)."""
+    try:
+        info = os.lstat(folder)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
+def kernel_dir() -> Path:
+    """The cache folder (made with mode 0700) if private, else a private fallback, with one warning."""
+    wanted = cache_dir()
+    for folder in (wanted, fallback_cache_dir()):
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if is_private(folder):
+            if folder != wanted:
+                warn_once(f"the kernel cache {wanted} is not private to this user (owner or group/other write); "
+                          f"compiled kernels go to {folder} instead")
+            return folder
+    raise RuntimeError(f"no private kernel cache folder ({wanted} is shared or unwritable)")
+
+
+def warn_once(message: str) -> None:
+    """A warning shown once per process."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def sha256_of(path: Path) -> str:
+    """The hex sha256 of a file."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def trusted(target: Path) -> bool:
+    """Whether a cached library matches the hash recorded when it was built (checked before loading)."""
+    record = target.with_name(target.name + ".sha256")
+    try:
+        return target.is_file() and record.read_text().strip() == sha256_of(target)
+    except OSError:
+        return False
 
 
 def cpu_signature() -> str:
@@ -69,22 +124,24 @@ def build(dtype: torch.dtype) -> Path:
     for arch in ARCH_FLAGS:
         flags = FLAGS + arch + [f"-DREAL={REALS[dtype]}"]
         key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *flags, cpu_signature()]).encode()).hexdigest()[:16]
-        target = cache_dir() / f"mlp_native_{REALS[dtype]}_{key}.so"
-        if target.exists():
+        target = kernel_dir() / f"mlp_native_{REALS[dtype]}_{key}.so"
+        if trusted(target):
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Compile to a private name, then rename: concurrent processes never load a partial file.
+        # Compile to a private name, record its hash, then rename: no process loads a partial or foreign file.
         fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
             subprocess.run([cc, *flags, "-o", partial, str(SOURCE), "-lm"], check=True, capture_output=True, text=True)
+            Path(partial + ".sha256").write_text(sha256_of(Path(partial)))
+            os.replace(partial + ".sha256", target.with_name(target.name + ".sha256"))
             os.replace(partial, target)
             return target
         except subprocess.CalledProcessError as err:
             failure = err
         finally:
-            if os.path.exists(partial):
-                os.unlink(partial)
+            for leftover in (partial, partial + ".sha256"):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
     raise failure
 
 
@@ -92,7 +149,10 @@ def library(dtype: torch.dtype) -> ctypes.CDLL | None:
     """The loaded kernel for this precision, or None (with one warning) if it cannot be built."""
     if dtype not in _libraries:
         try:
-            lib = ctypes.CDLL(str(build(dtype)))
+            path = build(dtype)
+            if not trusted(path):  # changed since it was built or checked: never load it
+                raise RuntimeError(f"{path} does not match its recorded hash")
+            lib = ctypes.CDLL(str(path))
         except (RuntimeError, OSError, subprocess.CalledProcessError) as err:
             detail = getattr(err, "stderr", "") or err
             warnings.warn(f"the compiled MLP kernel is unavailable ({str(detail).strip()[:200]}); "

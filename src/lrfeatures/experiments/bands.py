@@ -22,7 +22,7 @@ from ..analysis.measurements import MEASUREMENTS
 from ..errors import ConfigError, DataError
 from ..store import ExperimentStore, ShardWriter
 from .images import ImageAnalysis, ImageRunner
-from .runtime import Shard, plan_shards, recipe_for, run_shard, torch_threads
+from .runtime import Shard, plan_shards, recipe_for, run_shard, run_until_done, torch_threads
 
 TABLE = "bands"
 
@@ -60,7 +60,7 @@ def run_bands(root: str | Path, bands_cfg: BandsConfig | None = None,
     bands_cfg = bands_cfg or BandsConfig()
     bands_cfg.validate()
     store, cfg = open_image_experiment(root)
-    store.clean_partial(prefix="bands-")  # never another stage's in-progress shard
+    store.clean_partial(prefix="bands-")  # only temp dirs whose owner's lease is stale or gone
     if bands_cfg.device:  # the device is not the experiment's identity: config.toml is not rewritten
         cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, device=bands_cfg.device))
     runner = ImageRunner(cfg, store)
@@ -72,15 +72,20 @@ def run_bands(root: str | Path, bands_cfg: BandsConfig | None = None,
         writer.tensors("example", {"image": data.test_x[0].cpu(), "label": data.test_y[0:1].cpu()})
         return {"normalization": bands_cfg.normalization}
 
+    def run_one(shard: Shard) -> bool | None:
+        ran = run_shard(store, shard, compute, training_needs(cfg, shard), {"device": str(runner.device)})
+        if ran and progress:
+            progress(shard.name)
+        return ran
+
+    shards = band_shards(cfg, bands_cfg)
+    for shard in shards:  # the training shards must be finished (and intact) before any band shard runs
+        missing = [s.name for s in training_needs(cfg, shard) if not store.is_done(s.name)]
+        if missing:
+            raise DataError(f"{store.root}: shard {missing[0]} is not finished or is damaged; run the "
+                            "`lrfeatures images` command of this experiment again (same --out) to finish it first")
     with torch_threads(cfg.engine.threads):
-        for shard in band_shards(cfg, bands_cfg):
-            needs = training_needs(cfg, shard)
-            missing = [s.name for s in needs if not store.is_done(s.name)]
-            if missing:
-                raise DataError(f"{store.root}: shard {missing[0]} is not finished; run the `lrfeatures images` "
-                                "command of this experiment again (same --out) to finish it first")
-            if run_shard(store, shard, compute, needs, {"device": str(runner.device)}) and progress:
-                progress(shard.name)
+        run_until_done(shards, run_one)
     table = store.merge_table(TABLE)
     update_summary(store)
     return table

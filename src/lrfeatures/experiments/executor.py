@@ -3,7 +3,7 @@
 Shards talk only through the experiment's store, so the same shards can run anywhere the
 store's directory is visible (a local disk, or a shared file system mounted at the same path
 on every node). The Ray driver:
-    - opens the store, removes stale partial shards (only the driver does this) and submits
+    - opens the store (checking its identity), removes partial shards whose lease is stale and submits
       only the shards that are not done, so stopping and restarting it resumes the sweep;
     - passes each shard the ObjectRefs of the shards it depends on, so a fine-tuning shard
       starts as soon as its own pre-training shard finishes, not after the whole grid;
@@ -22,11 +22,9 @@ happens, not what it computes, so changing them must not change the experiment's
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import socket
 import sys
 import time
 from contextlib import contextmanager
@@ -36,7 +34,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from ..config import dump_toml
 from ..errors import ConfigError, LrfError
-from ..store import ExperimentStore, write_json
+from ..store import ExperimentStore, lease_ttl
 from . import runtime
 
 FAULT_ENV = "LRFEATURES_FAULT_ONCE"
@@ -69,6 +67,7 @@ class ExperimentFactory:
 
     cfg: Any
     root: str
+    allow_version_change: bool = False   # resume a store written by another package version (recorded)
 
     def __post_init__(self):
         # Ray workers run in their own working directory: a relative --out would land elsewhere.
@@ -92,11 +91,13 @@ class ExperimentFactory:
 
     def build(self, progress: Callable[[int], None] | None = None) -> Experiment:
         """The experiment object, with its store opened (created, or checked against the config)."""
-        return runtime.Experiment(self.cfg, self.root, progress=progress)
+        return runtime.Experiment(self.cfg, self.root, progress=progress,
+                                  allow_version_change=self.allow_version_change)
 
     def open_store(self) -> ExperimentStore:
-        """The store alone (no device or data needed: safe on a driver without a GPU)."""
-        return ExperimentStore.create(self.root, self.cfg)
+        """The store alone, its identity checked (no device needed: safe on a driver without a GPU)."""
+        recipe = runtime.check_recipe(self.cfg)
+        return ExperimentStore.create(self.root, self.cfg, recipe.fingerprint(self.cfg), self.allow_version_change)
 
     def plan_shards(self) -> list:
         """All shards, each after the shards it depends on."""
@@ -343,7 +344,8 @@ def run_shard_in_worker(factory: ExperimentFactory, shard: Any, fault_marker: st
     record_attempt(store, shard.name)
     experiment = worker_experiment(factory, cpus)
     with fault_once(experiment.store, fault_marker):
-        ran = experiment.run_shard(shard)
+        while (ran := experiment.run_shard(shard)) is None:  # another worker (another driver) holds it
+            time.sleep(min(1.0, lease_ttl() / 10))
     return {"shard": shard.name, "ran": ran}
 
 
@@ -353,24 +355,13 @@ def finalize_in_worker(factory: ExperimentFactory) -> dict:
 
 
 def record_attempt(store: ExperimentStore, shard: str) -> Path:
-    """Leave a file per computation attempt of a shard (an audit trail: retries, restarts)."""
-    started = time.time()
-    path = store.root / ATTEMPTS_DIR / shard / f"{time.time_ns()}-{socket.gethostname()}-{os.getpid()}.json"
-    write_json(path, {"shard": shard, "host": socket.gethostname(), "pid": os.getpid(), "started": started})
-    return path
+    """Leave a file per Ray attempt of a shard (an audit trail: retries, restarts)."""
+    return store.record_attempt(shard, ATTEMPTS_DIR)
 
 
 def attempts(root: str | Path) -> dict[str, list[dict]]:
     """The computation attempts recorded by Ray workers, per shard, oldest first."""
-    base = Path(root) / ATTEMPTS_DIR
-    if not base.is_dir():
-        return {}
-
-    def started(path: Path) -> int:
-        return int(path.name.split("-")[0])  # file names start with time_ns
-
-    return {d.name: [json.loads(p.read_text()) for p in sorted(d.glob("*.json"), key=started)]
-            for d in sorted(base.iterdir()) if d.is_dir()}
+    return ExperimentStore(root).attempts(ATTEMPTS_DIR)
 
 
 @contextmanager
@@ -384,8 +375,8 @@ def fault_once(store: ExperimentStore, marker: str) -> Iterator[None]:
         return
     make_writer = store.writer
 
-    def writer(name: str):
-        shard_writer = make_writer(name)
+    def writer(name: str, lease=None):
+        shard_writer = make_writer(name, lease)
         commit = shard_writer.commit
 
         def commit_or_die(info: dict) -> None:

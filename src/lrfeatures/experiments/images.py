@@ -405,5 +405,19 @@ class ImageRecipe(Recipe):
         if not (worker.store.root / "dataset.json").is_file():
             worker.info()
 
+    def fingerprint(self, cfg: ImageConfig) -> str:
+        """The data set, loaded and checked before anything is written, and the identity of its files."""
+        from ..data.registry import dataset_fingerprint
+        from ..errors import DataError
+
+        d = cfg.data
+        classes = load_image_dataset(d.dataset, d.root or None, d.max_per_class or None, seed=cfg.seeds.data[0],
+                                     classes=d.classes or None, sha256=d.sha256 or None,
+                                     test_fraction=d.test_fraction).classes
+        if len(classes) < 2:
+            raise DataError(f"data.dataset={d.dataset!r} holds one class ({classes[0]!r}); a classifier needs "
+                            "at least two class folders")
+        return dataset_fingerprint(d.dataset, d.root or None, d.sha256 or None) or super().fingerprint(cfg)
+
 
 IMAGES = register_kind(ImageRecipe())

@@ -6,7 +6,8 @@ worker whose `run_<stage>(shard, writer)` methods compute one shard. Everything 
 here, once for every kind:
 
     plan        every (unit, stage) shard, each after the shards it needs
-    run_shard   skip if done; check upstream; compute into a private directory; commit or abort
+    run_shard   skip if current (intact, built on today's upstream); claim a lease; compute into a
+                private directory; commit or abort. Shards held by another worker are come back to.
     resume      a finished shard is never recomputed, so re-running an experiment resumes it
     finalize    merge each table over the shards, write summary.json (the report reads the store)
 
@@ -16,6 +17,8 @@ executor read. Register a new kind with `register_kind(MyRecipe())`.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,12 +29,13 @@ import torch
 
 from ..analysis.measurements import measurements_for
 from ..analysis.summary import write_summary
-from ..config import load_config
+from ..config import dump_toml, load_config
 from ..errors import ConfigError
 from ..models.registry import model_entry, model_names
-from ..store import ExperimentStore, ShardWriter
+from ..store import HOST, ExperimentStore, ShardWriter, lease_ttl
 
 Progress = Callable[[int], None]
+SLOW_ENV = "LRFEATURES_SLOW_SHARD"
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,14 @@ class Recipe:
     def check(self, cfg: Any) -> None:
         """Raise the user-facing error for anything the config's own validation cannot see."""
 
+    def fingerprint(self, cfg: Any) -> str:
+        """The data's identity, read and checked before anything is written (default: the config's hash)."""
+        return "config-sha256:" + hashlib.sha256(dump_toml(cfg).encode()).hexdigest()
+
+    def memory_estimate(self, cfg: Any) -> float:
+        """Bytes the largest shard's models need at once (default: a dense estimate from model.width/depth)."""
+        return dense_memory_estimate(cfg)
+
     def threads(self, cfg: Any) -> int:
         """torch CPU threads while shards run (0: leave torch's setting)."""
         return 0
@@ -139,8 +151,53 @@ def load_experiment_config(source: str | dict, overrides: list[str] | tuple[str,
                            kind: str | None = None) -> Any:
     """Load, override and validate a config, then run its recipe's edge checks (nothing is written)."""
     cfg = load_config(source, overrides, kind=kind)
-    recipe_for(cfg.kind).check(cfg)
+    check_recipe(cfg)
     return cfg
+
+
+def check_recipe(cfg: Any) -> Recipe:
+    """The memory bound (before any model is built), then the recipe's own edge checks."""
+    recipe = recipe_for(cfg.kind)
+    check_seeds(cfg)
+    check_memory(cfg, recipe.memory_estimate(cfg))
+    recipe.check(cfg)
+    return recipe
+
+
+def check_seeds(cfg: Any) -> None:
+    """Seeds must be whole numbers in 0..2**63-1 (they become int64 table columns and torch seeds)."""
+    section = getattr(cfg, "seeds", None)
+    for name, seeds in (vars(section) if hasattr(section, "__dict__") else {}).items():
+        for seed in seeds if isinstance(seeds, list) else ():
+            if not (isinstance(seed, int) and 0 <= seed < 2**63):
+                raise ConfigError(f"seeds.{name} holds {seed}; seeds must be whole numbers in 0..2**63-1")
+
+
+def dense_memory_estimate(cfg: Any) -> float:
+    """Bytes of one shard's models: (depth x width^2 + width) weights x models x (kept checkpoints + 3) x 4.
+
+    An upper-bound style estimate for MLP-like widths; recipes with a better one override
+    `Recipe.memory_estimate`. Models: every (training seed, PLR, FLR) a shard may hold at once.
+    """
+    model = getattr(cfg, "model", None)
+    if model is None or not hasattr(model, "width") or not hasattr(model, "depth"):
+        return 0.0
+    weights = float(model.depth) * float(model.width) ** 2 + float(model.width)
+    grids = [getattr(getattr(cfg, s, None), "lrs", None) or [0] for s in ("pretrain", "finetune")]
+    models = len(getattr(getattr(cfg, "seeds", None), "train", None) or [0]) * len(grids[0]) * len(grids[1])
+    copies = int(getattr(cfg, "checkpoints_kept", 1) or 1) + 3  # checkpoints + weights, gradients, update
+    return weights * models * copies * 4
+
+
+def check_memory(cfg: Any, estimate: float) -> None:
+    """ConfigError, with the estimate and the budget, when the models cannot fit engine.memory_budget_gb."""
+    budget = getattr(getattr(cfg, "engine", None), "memory_budget_gb", None)
+    if not budget or estimate <= budget * 2**30:
+        return
+    model = getattr(cfg, "model", None)
+    size = f"model.width={model.width}, model.depth={model.depth}" if model is not None else "the models"
+    raise ConfigError(f"{size} need about {estimate / 2**30:.3g} GB, over engine.memory_budget_gb={budget:g}; "
+                      "use a smaller model or grid, or raise the budget")
 
 
 # ---------------------------------------------------------------- plan
@@ -173,22 +230,70 @@ def pending_cost(cfg: Any, store: ExperimentStore) -> int:
 # ---------------------------------------------------------------- the shard loop
 
 def run_shard(store: ExperimentStore, shard: Shard, compute: Callable[[Shard, ShardWriter], Any],
-              needs: list[Shard] = (), info: dict[str, Any] | None = None) -> bool:
-    """Run a shard unless it is done; True if it ran. The one place shards commit or abort."""
-    if store.is_done(shard.name):
+              needs: list[Shard] = (), info: dict[str, Any] | None = None) -> bool | None:
+    """Run a shard unless it is current: True if it ran, False if it was done, None if it must wait
+    (another worker holds it or a shard it needs). The one place shards are claimed, commit or abort."""
+    if shard_problem(store, shard, needs) is None:
         return False
-    for upstream in needs:
-        if not store.is_done(upstream.name):
-            raise RuntimeError(f"shard {shard.name} needs {upstream.name} first")
-    started = time.time()
-    writer = store.writer(shard.name)
+    if any(not store.is_done(u.name) for u in needs):
+        return None  # an upstream shard is pending (ours or another worker's): come back later
+    lease = store.claim(shard.name)
+    if lease is None:
+        return None
     try:
+        problem = shard_problem(store, shard, needs)  # fresh: another worker may have finished it
+        if problem is None:
+            return False
+        store.set_aside(shard.name, problem)
+        store.record_attempt(shard.name)
+        compute_into_store(store, shard, compute, lease, needs, info)
+    finally:
+        lease.release()
+    return True
+
+
+def compute_into_store(store: ExperimentStore, shard: Shard, compute: Callable, lease: Any,
+                       needs: list[Shard], info: dict[str, Any] | None) -> None:
+    """Compute a claimed shard into its private directory and commit it, or abort on any error."""
+    started = time.time()
+    writer = store.writer(shard.name, lease)
+    try:
+        slow_down(shard.name)
         extra = compute(shard, writer) or {}
-        writer.commit({"seconds": time.time() - started, **(info or {}), **extra})
+        writer.commit({"seconds": time.time() - started, **(info or {}), **extra, "host": HOST, "pid": os.getpid(),
+                       "upstream": {u.name: store.digest(u.name) for u in needs}})
     except BaseException:
         writer.abort()
         raise
-    return True
+
+
+def shard_problem(store: ExperimentStore, shard: Shard, needs: list[Shard] = ()) -> str | None:
+    """Why a shard must be (re)computed: missing, damaged, or built on upstream shards that changed since."""
+    problem = store.problem(shard.name)
+    if problem is not None:
+        return problem
+    recorded = (store.done_record(shard.name) or {}).get("upstream")
+    for upstream in needs if recorded is not None else ():  # shards of 0.1 recorded no upstream
+        if not store.is_done(upstream.name) or recorded.get(upstream.name) != store.digest(upstream.name):
+            return f"built on an earlier {upstream.name}"
+    return None
+
+
+def slow_down(name: str) -> None:
+    """Test seam: $LRFEATURES_SLOW_SHARD=<shard>=<seconds> makes that shard take that much longer."""
+    target, _, seconds = os.environ.get(SLOW_ENV, "").partition("=")
+    if target and target == name:
+        time.sleep(float(seconds))
+
+
+def run_until_done(shards: list[Shard], run_one: Callable[[Shard], bool | None]) -> None:
+    """Run every shard in plan order; come back to those that must wait until they are done."""
+    waiting = list(shards)
+    while waiting:
+        results = [(shard, run_one(shard)) for shard in waiting]
+        waiting = [shard for shard, ran in results if ran is None]
+        if waiting and not any(ran for _, ran in results):
+            time.sleep(min(1.0, lease_ttl() / 10))  # other workers hold them: poll, not spin
 
 
 def run_measurements(ctx: Any, writer: ShardWriter) -> None:
@@ -214,21 +319,22 @@ def torch_threads(n: int) -> Iterator[None]:
 class Experiment:
     """One experiment of any kind: its store, its recipe's worker, and the runtime around them."""
 
-    def __init__(self, cfg: Any, root: str | Path, progress: Progress | None = None):
+    def __init__(self, cfg: Any, root: str | Path, progress: Progress | None = None,
+                 allow_version_change: bool = False):
         self.cfg = cfg
-        self.recipe = recipe_for(cfg.kind)
-        self.recipe.check(cfg)  # before anything is written: a typo must not leave a directory behind
+        self.recipe = check_recipe(cfg)  # before anything is written: a typo must not leave a directory behind
         if hasattr(cfg, "engine"):  # the device must exist here (a config may be written elsewhere)
             resolve_device(cfg.engine.device)
-        self.store = ExperimentStore.create(root, cfg)
+        fingerprint = self.recipe.fingerprint(cfg)  # the data is read and checked before the store is touched
+        self.store = ExperimentStore.create(root, cfg, fingerprint, allow_version_change)
         self.worker = self.recipe.open(cfg, self.store, progress)
 
     def plan(self) -> list[Shard]:
         """All shards, each after the shards it needs."""
         return plan_shards(self.cfg)
 
-    def run_shard(self, shard: Shard) -> bool:
-        """Run one shard unless it is complete; True if it ran."""
+    def run_shard(self, shard: Shard) -> bool | None:
+        """Run one shard unless it is current; True if it ran, None if it must wait for another worker."""
         compute = getattr(self.worker, f"run_{shard.stage}")
         return run_shard(self.store, shard, compute, dependencies(self.cfg, shard),
                          {"device": str(getattr(self.worker, "device", "cpu"))})
@@ -237,15 +343,15 @@ class Experiment:
         """Run every pending shard in order, then merge the tables and write summary.json."""
         self.store.clean_partial()
         with torch_threads(self.recipe.threads(self.cfg)):
-            for shard in self.plan():
-                self.run_shard(shard)
+            run_until_done(self.plan(), self.run_shard)
         return self.finalize()
 
     def finalize(self) -> dict:
-        """Merge shard tables into the experiment's tables and write its summary."""
+        """Merge shard tables into the experiment's tables (every planned shard intact) and write its summary."""
         self.recipe.before_finalize(self.worker)
+        expected = sorted(s.name for s in self.plan())
         for name in self.recipe.all_tables(self.cfg):
-            self.store.merge_table(name)
+            self.store.merge_table(name, expected)
         return self.recipe.summarize(self.store)
 
 

@@ -1,7 +1,9 @@
 """The synthetic recipe (SPEC §3): pretrain a PLR x seed grid -> fine-tune over FLRs -> SWA -> analyze.
 
 Shards per (data seed, chunk of training seeds):
-    pretrain   trains every PLR of those training seeds from one initial point per seed
+    pretrain   trains every PLR of those training seeds from one initial point per seed; with
+               `pretrain.stages`, those stages run first (stage i on batch stream
+               "pretrain-stage{i}"), then the last stage at the grid PLR on the "pretrain" stream
     finetune   fine-tunes each PLR's final weights over every FLR
     swa        averages of the last K checkpoints, evaluated
     analyze    every registered synthetic measurement (single-feature probes, geometry, ...)
@@ -19,14 +21,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..analysis import probes  # noqa: F401  (registers the synthetic measurements)
+from ..analysis import curvature, probes  # noqa: F401  (registers the synthetic measurements)
+from ..analysis.curvature import check_curvature_model
 from ..analysis.tables import KEY_COLUMNS
 from ..config import SyntheticConfig
 from ..data.synthetic import SyntheticData, get_shape, make_synthetic
 from ..engine.common import LOG_FIELDS, GridResult, GridTask
 from ..engine.grid import GridTrainer, evaluate_models
 from ..engine.reference import train_reference
-from ..models.registry import build_model, si_parameters
+from ..models.registry import build_model, model_entry, si_parameters
 from ..seeding import derive_seed
 from ..sphere import flatten, project, unflatten_into_
 from ..store import ExperimentStore, ShardWriter
@@ -67,6 +70,21 @@ def model_keys(stage: str, shard: Shard, plrs: list[float], flrs: list[float] | 
                          "flr": [c[2] for c in combos], "swa_k": swa_k})
 
 
+def chain_results(results: list[GridResult], lengths: list[int]) -> GridResult:
+    """One pre-training result from consecutive stages: logs joined on one step axis, the last stage's weights.
+
+    A later stage's step-0 log repeats the previous stage's last one, so it is dropped; steps
+    (logs and checkpoints) count from the start of the first stage.
+    """
+    if len(results) == 1:
+        return results[0]
+    offsets = [sum(lengths[:i]) for i in range(len(results))]
+    log_steps = results[0].log_steps + [o + s for r, o in zip(results[1:], offsets[1:]) for s in r.log_steps[1:]]
+    logs = {k: torch.cat([results[0].logs[k]] + [r.logs[k][1:] for r in results[1:]]) for k in results[0].logs}
+    last = results[-1]
+    return GridResult(last.final, last.checkpoints, [offsets[-1] + s for s in last.checkpoint_steps], log_steps, logs)
+
+
 def write_training(writer: ShardWriter, keys: pd.DataFrame, result: GridResult) -> None:
     """Metrics (one row per model and logged step) and final evaluations of a trained grid."""
     steps = len(result.log_steps)
@@ -96,6 +114,7 @@ class SyntheticAnalysis:
     solutions: list[tuple[pd.DataFrame, torch.Tensor, dict[str, torch.Tensor]]]
     evaluate: Callable
     kind: str = "synthetic"
+    make_model: Callable[..., nn.Module] | None = None  # the network template (curvature rebuilds it)
 
 
 class SyntheticRunner:
@@ -169,14 +188,27 @@ class SyntheticRunner:
         return self.store.shard_tensors(shard.upstream("pretrain").name, "weights")
 
     # ----- stages ----------------------------------------------------------------------
+    def earlier_stages(self, shard: Shard, init: torch.Tensor) -> tuple[torch.Tensor, list[GridResult]]:
+        """Run `pretrain.stages` from init [M, P]; the weights they end at and their results."""
+        cfg, plrs, results = self.cfg, self.cfg.pretrain.lrs, []
+        for i, stage in enumerate(cfg.pretrain.stages):
+            lrs = [stage.lr] * len(plrs) if stage.lr else [stage.lr_scale * plr for plr in plrs]
+            task = self.task(shard, f"pretrain-stage{i}", init, lrs, len(plrs), stage.iterations,
+                             cfg.pretrain.log_every)
+            results.append(self.train(task, self.data(shard.data_seed)))
+            init = results[-1].final
+        return init, results
+
     def run_pretrain(self, shard: Shard, writer: ShardWriter) -> None:
-        """Train every PLR of the shard's seeds from one initial point per seed."""
+        """Train every PLR of the shard's seeds from one initial point per seed (after any earlier stages)."""
         cfg, plrs = self.cfg, self.cfg.pretrain.lrs
         init = torch.stack([self.initial_state(shard.data_seed, s)[0] for s in shard.train_seeds])
-        task = self.task(shard, "pretrain", init.repeat_interleave(len(plrs), 0), plrs, len(plrs),
+        init, earlier = self.earlier_stages(shard, init.repeat_interleave(len(plrs), 0))
+        task = self.task(shard, "pretrain", init, plrs, len(plrs),
                          cfg.pretrain.iterations, cfg.pretrain.log_every, ckpt_every=cfg.pretrain.ckpt_every,
                          keep_checkpoints=cfg.checkpoints_kept)
-        result = self.train(task, self.data(shard.data_seed))
+        result = chain_results(earlier + [self.train(task, self.data(shard.data_seed))],
+                               [s.iterations for s in cfg.pretrain.stages] + [cfg.pretrain.iterations])
         write_training(writer, model_keys("pretrain", shard, plrs), result)
         writer.tensors("weights", {"final": result.final, "checkpoints": result.checkpoints,
                                    "checkpoint_steps": torch.tensor(result.checkpoint_steps)})
@@ -224,7 +256,7 @@ class SyntheticRunner:
     def run_analyze(self, shard: Shard, writer: ShardWriter) -> None:
         """Every registered synthetic measurement of the shard's final models."""
         run_measurements(SyntheticAnalysis(self.cfg, shard, self.data(shard.data_seed), self.solutions(shard),
-                                           self.evaluate), writer)
+                                           self.evaluate, make_model=self.make_model), writer)
 
 
 class SyntheticRecipe(Recipe):
@@ -249,7 +281,7 @@ class SyntheticRecipe(Recipe):
         """Model-steps a shard trains."""
         seeds, plrs = len(shard.train_seeds), len(cfg.pretrain.lrs)
         if shard.stage == "pretrain":
-            return seeds * plrs * cfg.pretrain.iterations
+            return seeds * plrs * (cfg.pretrain.iterations + sum(s.iterations for s in cfg.pretrain.stages))
         if shard.stage == "finetune":
             return seeds * plrs * len(cfg.finetune.lrs) * cfg.finetune.iterations
         return 0
@@ -258,7 +290,9 @@ class SyntheticRecipe(Recipe):
         """The data shape and model must exist, and the model must take vector inputs."""
         get_shape(cfg.data.shape)
         check_model_input(cfg.model.name, "vector", self.kind)
-        build_model(cfg.model, (2 * cfg.data.n_features,), 1, seed=0)
+        model = build_model(cfg.model, (2 * cfg.data.n_features,), 1, seed=0)
+        if cfg.curvature.enabled:
+            check_curvature_model(model, cfg.curvature.top_k, model_entry(cfg.model.name).has_si_group)
 
     def open(self, cfg: SyntheticConfig, store: ExperimentStore, progress=None) -> SyntheticRunner:
         """The runner that computes this experiment's shards."""

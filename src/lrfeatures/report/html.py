@@ -10,10 +10,12 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
+from ..analysis.findings import FAILS, HOLDS, build_findings
 from ..analysis.tables import swa_k_of_choice
 from ..config import dump_toml
 from ..errors import DataError
 from .bands import BAND_FIGURES, band_normalization, band_order, band_rows
+from .curvature import CURVATURE_FIGURES
 from .load import Experiment, feature_summary, over_seeds
 from .style import REGIME_COLORS
 from .synthetic import FIGURES
@@ -37,8 +39,18 @@ def _regime_name(regime) -> str:
     return regime if isinstance(regime, str) and regime else "–"
 
 
+VOTES = ("1", "2", "2A", "2B", "3")
+
+
+def vote_text(info: pd.Series) -> str:
+    """The PLR's seed vote shares, e.g. '2A 0.75 · 2B 0.25' ('–' for summaries without them)."""
+    shares = [(name, info.get(f"frac_{name}")) for name in VOTES]
+    shares = [(name, float(v)) for name, v in shares if v is not None and pd.notna(v) and float(v) > 0]
+    return " · ".join(f"{name} {share:.2f}" for name, share in shares) or "–"
+
+
 def regime_table(exp: Experiment) -> pd.DataFrame:
-    """Per PLR: regime, confidence, diverged runs, test accuracy after PT / best FT / SWA, PT sparsity."""
+    """Per PLR: regime, confidence, seed votes, diverged runs, test acc after PT / best FT / SWA, PT sparsity."""
     table = exp.regimes.table.set_index("plr")
     plrs = sorted(set(table.index) | set(exp.evaluations["plr"].unique()))
     pre = over_seeds(exp.stage("pretrain"), ["plr"], "test_acc")
@@ -53,6 +65,7 @@ def regime_table(exp: Experiment) -> pd.DataFrame:
         sparsity = sparsity.rename(columns={"sparsity_mean": "mean", "sparsity_std": "std"})
     except DataError:
         sparsity = None
+    basis = sparsity["basis"].iloc[0] if sparsity is not None and len(sparsity) else "margin"
     rows = []
     for plr in plrs:
         info = table.loc[plr] if plr in table.index else pd.Series(dtype=object)
@@ -66,13 +79,23 @@ def regime_table(exp: Experiment) -> pd.DataFrame:
             "PLR": f"{plr:.3g}",
             "regime": _regime_name(info.get("regime")),
             "confidence": format_number(info.get("confidence", np.nan), 2),
+            "seed votes": vote_text(info),
             "diverged runs": "–" if n_seeds is None or pd.isna(n_seeds) else f"{int(n_div)}/{int(n_seeds)}",
             "test acc after PT": mean_std_text(pre, plr),
             "best FT (max over FLRs)": best,
             f"SWA K={k}" if k is not None else "SWA": mean_std_text(swa, plr) if swa is not None else "–",
-            "sparsity after PT": mean_std_text(sparsity, plr) if sparsity is not None else "–",
+            f"sparsity after PT ({basis})": mean_std_text(sparsity, plr) if sparsity is not None else "–",
         })
     return pd.DataFrame(rows)
+
+
+def findings_table(exp: Experiment) -> pd.DataFrame:
+    """One row per claim of summary.json's findings (built now from the summary where it has none)."""
+    findings = exp.summary.get("findings") or build_findings(exp.summary)
+    rows = [{"claim": key, "what the paper says": f["claim"],
+             "numbers": ", ".join(f"{k} {format_number(v)}" for k, v in f["numbers"].items()),
+             "verdict": f["verdict"], "rule": f["rule"]} for key, f in findings.items()]
+    return pd.DataFrame(rows, columns=["claim", "what the paper says", "numbers", "verdict", "rule"])
 
 
 def boundary_table(exp: Experiment) -> pd.DataFrame:
@@ -105,16 +128,21 @@ def band_table(exp: Experiment) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+VERDICT_COLORS = {HOLDS: "#2ca02c", FAILS: "#d62728"}
+
+
 def html_table(table: pd.DataFrame, regime_column: str | None = None) -> str:
-    """An escaped HTML table; cells of `regime_column` get their regime colour."""
+    """An escaped HTML table; cells of `regime_column` get their regime colour, verdicts theirs."""
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
     body = []
     for _, row in table.iterrows():
         cells = []
         for column, value in row.items():
             style = ""
-            if column == regime_column and value in REGIME_COLORS:
-                style = f' style="color:{REGIME_COLORS[value]};font-weight:bold"'
+            color = REGIME_COLORS.get(value) if column == regime_column else \
+                VERDICT_COLORS.get(value) if column == "verdict" else None
+            if color:
+                style = f' style="color:{color};font-weight:bold"'
             cells.append(f"<td{style}>{html.escape(str(value))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
@@ -146,7 +174,13 @@ def render_html(exp: Experiment, figures: dict[str, Path | str]) -> str:
              "regime boundaries (grey: the PLR gap each lies in); the regimes are 1 (convergence), 2A/2B "
              "(chaotic equilibrium, sparse / not sparse) and 3 (divergence).</p>"]
     parts += [f"<p class='note'>{esc(note)}</p>" for note in exp.notes]
-    parts += ["<h2>Regimes per PLR</h2>", html_table(regime_table(exp), regime_column="regime"),
+    if "findings" not in exp.summary:
+        parts.append("<p class='note'>summary.json has no findings block (written before 0.2): the findings "
+                     "below were computed now from its per-PLR numbers.</p>")
+    parts += ["<h2>Findings</h2>", "<p>Each claim of the paper's synthetic picture, judged by the rule "
+              "shown on the numbers of the tables below (see <code>lrfeatures.analysis.findings</code>).</p>",
+              html_table(findings_table(exp)),
+              "<h2>Regimes per PLR</h2>", html_table(regime_table(exp), regime_column="regime"),
               "<h2>Regime boundaries</h2>", html_table(boundary_table(exp))]
     if exp.bands is not None:
         parts += [f"<h2>Band accuracy after pre-training (normalization: {esc(band_normalization(exp))})</h2>",
@@ -154,7 +188,7 @@ def render_html(exp: Experiment, figures: dict[str, Path | str]) -> str:
                   "(mean ± std over seeds); see <code>bands.parquet</code>.</p>",
                   html_table(band_table(exp), regime_column="regime")]
     parts.append("<h2>Figures</h2>")
-    captions = {key: caption for key, _, caption in FIGURES + BAND_FIGURES}
+    captions = {key: caption for key, _, caption in FIGURES + BAND_FIGURES + CURVATURE_FIGURES}
     for key, result in figures.items():
         if isinstance(result, Path):
             data = base64.b64encode(result.read_bytes()).decode("ascii")

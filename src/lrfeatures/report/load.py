@@ -165,7 +165,11 @@ def model_kinds(table: pd.DataFrame) -> list[ModelKind]:
 
 
 def feature_summary(exp: Experiment) -> pd.DataFrame:
-    """Seed mean/std of sorted feature accuracies and sparsity per model group (see analysis.features)."""
+    """Seed mean/std of sorted feature accuracies and sparsity per model group (see analysis.features).
+
+    Its `basis` column says which index it holds: "margin", or "accuracy" for a features table
+    written before the margin column (lrfeatures 0.1), whose index is the earlier one.
+    """
     if exp.features is None:
         raise DataError("features.parquet is missing or empty; run the feature probes of this "
                         "(synthetic) experiment to draw feature figures")
@@ -175,6 +179,7 @@ def feature_summary(exp: Experiment) -> pd.DataFrame:
         flags = exp.evaluations[KEY_COLUMNS + ["diverged"]].drop_duplicates(KEY_COLUMNS, keep="last")
         features = features.merge(flags, on=KEY_COLUMNS, how="left")  # NaN keys match NaN
         features["diverged"] = features["diverged"].fillna(False).astype(bool)
-    features = features.assign(accuracy=finite_values(features, "accuracy"))
+    features = features.assign(**{column: finite_values(features, column)
+                                  for column in ("accuracy", "margin") if column in features})
     floor = noise_floor(exp.config.data.n_probe)  # the same convention as summary.json
     return feature_table_summary(features[list(exp.features.columns)], None, floor=floor, tol=SUMMARY_TOL)

@@ -45,6 +45,9 @@ def sequential_colors(cmap: str, n: int, low: float = 0.0, high: float = 0.85) -
     return list(plt.get_cmap(cmap)(np.linspace(low, high, n))) if n else []
 
 
+PLR_AXIS_RANGE = (1e-30, 1e30)
+
+
 def plr_limits(exp: Experiment) -> tuple[float, float]:
     """The PLR axis range of every figure: the grid plus a little room on a log scale."""
     plrs = np.concatenate([exp.regimes.table["plr"].to_numpy(float),
@@ -52,7 +55,20 @@ def plr_limits(exp: Experiment) -> tuple[float, float]:
     plrs = plrs[np.isfinite(plrs) & (plrs > 0)]
     if not len(plrs):
         return 1e-4, 1.0
-    return float(plrs.min()) / 10 ** 0.15, float(plrs.max()) * 10 ** 0.15
+    return padded_plr_range(plrs.min(), plrs.max())
+
+
+def padded_plr_range(lo: float, hi: float) -> tuple[float, float]:
+    """[lo, hi] with a little room on a log axis, clipped to PLR_AXIS_RANGE.
+
+    matplotlib's log ticks overflow near 1e308: PLRs beyond the range stay in the tables, off the axis.
+    """
+    return max(float(lo) / 10 ** 0.15, PLR_AXIS_RANGE[0]), min(float(hi) * 10 ** 0.15, PLR_AXIS_RANGE[1])
+
+
+def log_midpoint(a: float, b: float) -> float:
+    """The geometric mean of two positive values, through logs (a product of two huge PLRs overflows)."""
+    return float(np.exp((np.log(a) + np.log(b)) / 2))
 
 
 def plr_axis(ax, exp: Experiment) -> None:
@@ -79,12 +95,12 @@ def draw_regimes(ax, regimes: Regimes) -> None:
     renderer, previous = ax.figure.canvas.get_renderer(), None
     for name, first, last in regimes.runs():
         below, above = plrs[plrs < first], plrs[plrs > last]
-        left = np.sqrt(below.max() * first) if len(below) else lo
-        right = np.sqrt(last * above.min()) if len(above) else hi
+        left = log_midpoint(below.max(), first) if len(below) else lo
+        right = log_midpoint(last, above.min()) if len(above) else hi
         left, right = max(left, lo), min(right, hi)
         if left >= right:
             continue
-        text = ax.text(np.sqrt(left * right), 1.01, name, transform=transform, ha="center",
+        text = ax.text(log_midpoint(left, right), 1.01, name, transform=transform, ha="center",
                        va="bottom", fontsize=10, fontweight="bold",
                        color=REGIME_COLORS.get(name, "0.2"), clip_on=False)
         # Narrow neighbouring bands: shrink the name, then lift it, rather than overlap.

@@ -18,11 +18,13 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from .. import seeding
+from ..analysis.regimes import steps_to_convergence
+from ..analysis.summary import convergence_block, convergence_unit
 from ..analysis.tables import GEOMETRY_PAIRS
 from ..data.synthetic import get_shape
 from ..errors import DataError
 from .load import Experiment, feature_summary, model_kinds, over_seeds
-from .style import (REGIME_COLORS, draw_regimes, finish_kind_panel, kind_panels, legend_outside,
+from .style import (REGIME_COLORS, draw_regimes, log_midpoint, padded_plr_range, finish_kind_panel, kind_panels, legend_outside,
                     plot_band, plot_mean_std, plot_median_iqr, plr_axis, plr_colors, plr_limits, save,
                     sequential_colors, title)
 
@@ -138,7 +140,7 @@ def plot_sparsity(exp: Experiment, path: str | Path) -> Path:
         plot_band(ax, rows["plr"], mean, mean - std, mean + std, color=color, linewidth=1.5, label=kind.name)
     plr_axis(ax, exp)
     ax.set_ylim(-0.03, 1.03)
-    ax.set_ylabel("sparsity index")
+    ax.set_ylabel(f"sparsity index ({summary['basis'].iloc[0]} basis)")
     draw_regimes(ax, exp.regimes)
     title(ax, "Sparsity of feature use (mean ± std over seeds)")
     legend_outside(ax)
@@ -165,6 +167,40 @@ def plot_geometry(exp: Experiment, path: str | Path) -> Path:
     legend_outside(axes[-1], title="pair")
     fig.suptitle("Geometry of the reached solutions (median and interquartile range over seeds)",
                  fontsize=12)
+    return save(fig, path)
+
+
+def convergence_table(exp: Experiment) -> pd.DataFrame:
+    """Per PLR: the summary's convergence block (median, quartiles, n_converged, n), from the metrics."""
+    times, unit = steps_to_convergence(exp.metrics), convergence_unit(exp.config)
+    rows = [{"plr": plr, **convergence_block(group["steps_to_convergence"], unit)}
+            for plr, group in times.groupby("plr", sort=True)]
+    return pd.DataFrame(rows).astype({"median": float, "q25": float, "q75": float})
+
+
+def plot_convergence(exp: Experiment, path: str | Path) -> Path:
+    """Pre-training time to convergence (median and IQR over seeds) vs PLR, up to just past the 1/2 boundary."""
+    table = convergence_table(exp)
+    if not table["n_converged"].any():
+        raise DataError("no pre-training run reached the convergence loss; no PLR is in regime 1 here")
+    boundary = (exp.regimes.boundaries.get("1/2") or {}).get("upper_plr")
+    if boundary is not None:  # the figure is about the approach to the boundary
+        table = table[table["plr"] <= boundary * 10 ** 0.5]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    plot_band(ax, table["plr"], table["median"], table["q25"], table["q75"], color="#1f77b4", linewidth=1.5,
+              label="median over seeds (band: interquartile range)")
+    for _, row in table.iterrows():
+        y = row["median"] if np.isfinite(row["median"]) else np.nanmax(table["q75"].to_numpy(float), initial=1.0)
+        ax.annotate(f"{row['n_converged']}/{row['n']}", (row["plr"], y), textcoords="offset points",
+                    xytext=(0, 6), ha="center", fontsize=7, color="0.3")
+    plr_axis(ax, exp)
+    ax.set_xlim(*padded_plr_range(table["plr"].min(), table["plr"].max()))
+    ax.set_yscale("log")
+    unit = table["unit"].iloc[0]
+    ax.set_ylabel(f"{unit} to train loss < {table['threshold'].iloc[0]:g}")
+    draw_regimes(ax, exp.regimes)
+    title(ax, f"Pre-training {unit} to convergence (labels: seeds converged / seeds)")
+    legend_outside(ax)
     return save(fig, path)
 
 
@@ -197,7 +233,7 @@ def plot_training_curves(exp: Experiment, path: str | Path) -> Path:
         panels[1][0].legend(handles, [f"regime {n}" for n in dict.fromkeys(present)], loc="upper left",
                             bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
     key = fig.add_subplot(grid[1, :])  # the PLR colour key, on the same log axis as other figures
-    edges = np.sqrt(np.array(plrs[:-1]) * np.array(plrs[1:])) if len(plrs) > 1 else np.array([])
+    edges = np.array([log_midpoint(a, b) for a, b in zip(plrs[:-1], plrs[1:])])
     lo, hi = plr_limits(exp)
     edges = np.concatenate([[lo], edges, [hi]])
     for left, right, color in zip(edges[:-1], edges[1:], colors):
@@ -221,11 +257,17 @@ FIGURES: list[tuple[str, Callable[[Experiment, Path], Path], str]] = [
      "descending order, then averaged over seeds: rank 1 is the most important feature of each run. "
      "Dashed: test accuracy with all features. Sparse feature use shows as one high curve and the "
      "rest near chance (0.5)."),
-    ("sparsity", plot_sparsity, "Sparsity index of the feature accuracies: 1 when one feature carries "
-     "all the above-chance accuracy, 0 when all features are equally useful (NaN when none beats chance)."),
+    ("sparsity", plot_sparsity, "Sparsity index of each model's single-feature probe margins (mean over "
+     "seeds ± std): 1 when one feature carries the model, 0 when its use is no more concentrated than "
+     "probe noise (dense use reads 0 too); missing for a dead model. Tables written before the margin "
+     "column show the earlier accuracy-based index (the axis label says which)."),
     ("geometry", plot_geometry, "Angular distance and linear-path error barriers between the solutions "
      "fine-tuned with the lowest and the highest FLR and the SWA model (median and interquartile "
      "range over seeds). Near-zero barriers: one basin."),
+    ("convergence", plot_convergence, "Pre-training time to convergence, the first logged step with a "
+     "train loss below the threshold, per PLR up to just past the 1/2 boundary: median and "
+     "interquartile range over seeds, a seed that never converged counting as longer than the run "
+     "(so the median is missing where half of the seeds or more did not converge)."),
     ("training_curves", plot_training_curves, "Pre-training traces, one curve per PLR, coloured by "
      "the PLR's regime (darker = larger PLR within a regime; see the colour key)."),
 ]
