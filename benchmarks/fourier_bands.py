@@ -12,21 +12,28 @@ Definitions (all printed):
 The "materialized" line times BandFilter.__call__, which also writes the whole
 [4, N, 3, 32, 32] output (4x the input) to memory; the "fft backend" line times the
 rfft2/irfft2 path for comparison with the default (real Fourier basis matmuls on CPU).
-On a CPU shared with other busy processes, torch's per-op thread barriers stall and the
-default-thread figure drops several-fold; --threads 1 shows the contention-free floor.
+On a CPU shared with other busy processes, torch's per-op thread barriers stall; the filter
+therefore picks its thread count per pass from the cores left free (--threads 0, the default),
+and idle OpenMP workers sleep (OMP_WAIT_POLICY=PASSIVE, set by lrfeatures.threads).
 
-The last line printed is exactly `gb_per_s=<x> speedup=<y>`.
+--contention also measures the streamed pass quiet and with one competing busy process
+(benchmarks/contention.py), interleaved, and appends `load_ratio=<loaded / quiet>`.
+
+The last line printed is exactly `gb_per_s=<x> speedup=<y>` (plus ` load_ratio=<r>` with --contention).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
+import lrfeatures.threads  # noqa: F401  first: it sets OMP_WAIT_POLICY before torch loads OpenMP
 import numpy as np
 import torch
 
+from contention import load_ratio
 from lrfeatures.fourier import BandFilter
 
 
@@ -65,15 +72,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="filter threads (0: chosen per pass from free cores; -1: torch's setting)")
+    parser.add_argument("--contention", action="store_true", help="also time the pass against a busy competitor")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     images = torch.rand(args.n, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
     n_bytes = images.numel() * images.element_size()
-    band_filter = BandFilter(32)
-    print(f"device={device} threads={torch.get_num_threads()} images={tuple(images.shape)} "
+    band_filter = BandFilter(32, threads=None if args.threads < 0 else args.threads)
+    print(f"device={device} threads={args.threads} (torch {torch.get_num_threads()}) OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY')} images={tuple(images.shape)} "
           f"bands={[(b.name, b.lo, b.hi) for b in band_filter.bands]}")
 
     def streamed_pass(bf=band_filter):
@@ -86,7 +94,7 @@ def main() -> None:
           f"median {median:.4f} s ({n_bytes / median / 1e9:.3f} GB/s)")
     materialized = min(time_passes(lambda: band_filter(images, chunk_size=args.chunk_size), 3, device))
     print(f"materialized [4, N, 3, 32, 32]: {materialized:.4f} s ({n_bytes / materialized / 1e9:.3f} GB/s)")
-    fft_filter = BandFilter(32, backend="fft")
+    fft_filter = BandFilter(32, backend="fft", threads=band_filter.threads)
     fft_time = min(time_passes(lambda: streamed_pass(fft_filter), 3, device))
     print(f"fft backend streamed: {fft_time:.4f} s ({n_bytes / fft_time / 1e9:.3f} GB/s)")
 
@@ -105,7 +113,15 @@ def main() -> None:
         raise SystemExit(f"band images differ from the naive loop by {max(error, fft_error):.2e} > 1e-5")
 
     speedup = naive_per_image / (best / args.n)
-    print(f"gb_per_s={n_bytes / best / 1e9:.3f} speedup={speedup:.1f}")
+    last = f"gb_per_s={n_bytes / best / 1e9:.3f} speedup={speedup:.1f}"
+    if args.contention:
+        def rate() -> float:
+            return n_bytes / min(time_passes(streamed_pass, 1, device)) / 1e9
+        result = load_ratio(rate, repeats=args.repeats)
+        print(f"contention: quiet {result['quiet']:.3f} GB/s, with one busy competitor {result['loaded']:.3f} GB/s "
+              f"(median of {args.repeats} interleaved pairs)")
+        last += f" load_ratio={result['ratio']:.3f}"
+    print(last)
 
 
 if __name__ == "__main__":

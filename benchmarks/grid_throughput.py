@@ -17,8 +17,17 @@ peak, a sustained one-second GEMM rate) is the best of `--repeats` interleaved t
     python benchmarks/grid_throughput.py                # 1,150 models (50 seeds x 23 PLRs)
     python benchmarks/grid_throughput.py --models 230 --steps 200
     python benchmarks/grid_throughput.py --no-native     # the torch kernels instead of the C one
+    python benchmarks/grid_throughput.py --contention    # also quiet vs one busy competitor
 
-Last line: speedup=<x> peak_fraction=<y> models=<n>   (x and y at the 100-step cadence)
+--contention times the grid engine at the 100-step cadence alternately quiet and with one
+competing busy process (benchmarks/contention.py) and adds load_ratio = loaded / quiet rate.
+
+On a busy machine wall-clock peaks and rates both sag; "per CPU-second" divides the FLOPs by
+the CPU time the process actually got (all threads), against the same measure of the GEMM.
+
+Last line: speedup=<x> peak_fraction=<y> cpu_peak_fraction=<c> cadence5_fraction=<z> models=<n>
+[load_ratio=<r>]  (x, y, c at the 100-step cadence; z = the 5-step cadence's grid rate / the
+100-step one's)
 """
 
 from __future__ import annotations
@@ -27,7 +36,10 @@ import argparse
 import math
 import time
 
+import lrfeatures.threads  # noqa: F401  first: it sets OMP_WAIT_POLICY before torch loads OpenMP
 import torch
+
+from contention import load_ratio
 
 from lrfeatures.config import load_config
 from lrfeatures.engine.common import GridTask
@@ -37,18 +49,18 @@ from lrfeatures.experiments.synthetic import SyntheticRunner
 from lrfeatures.store import ExperimentStore
 
 
-def matmul_peak(size: int = 2048, seconds: float = 1.0) -> float:
-    """Sustained float32 GEMM FLOP/s: back-to-back products for about `seconds`.
+def matmul_peak(size: int = 2048, seconds: float = 1.0) -> tuple[float, float]:
+    """Sustained float32 GEMM FLOP/s and FLOP per CPU-second: back-to-back products for about `seconds`.
 
     Sustained, like the grid timing it is compared with: on this VM a single 70 ms product
     can catch a fast moment that a one-second run cannot."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
-    count, start = 0, time.perf_counter()
+    count, start, cpu = 0, time.perf_counter(), time.process_time()
     while (elapsed := time.perf_counter() - start) < seconds:
         a @ b
         count += 1
-    return 2 * size**3 * count / elapsed
+    return 2 * size**3 * count / elapsed, 2 * size**3 * count / max(time.process_time() - cpu, 1e-9)
 
 
 def paper_task(runner: SyntheticRunner, num_models: int, steps: int, cadence: int) -> GridTask:
@@ -83,6 +95,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="best of this many timings of each engine")
     parser.add_argument("--no-compile", action="store_true", help="run the grid step eagerly")
     parser.add_argument("--no-native", action="store_true", help="use the torch kernels, not the compiled C one")
+    parser.add_argument("--contention", action="store_true", help="also time against one busy competitor")
     args = parser.parse_args()
 
     cfg = load_config("synthetic-paper", [f"engine.device={args.device}"])
@@ -93,11 +106,14 @@ def main() -> None:
     trainer = GridTrainer(runner.make_model, compile=not args.no_compile, native=not args.no_native)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
+    cpu_seconds = {}  # CPU seconds (all threads) of the last timed run: robust to a busy machine
+
     def timed(run) -> float:
         sync()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         run()
         sync()
+        cpu_seconds["last"] = time.process_time() - cpu
         return time.perf_counter() - start
 
     # This VM's speed drifts by tens of percent from second to second, so every quantity is
@@ -109,23 +125,41 @@ def main() -> None:
         grid_task = paper_task(runner, args.models, args.steps, cadence)
         trainer.train(paper_task(runner, args.models, 10, cadence), data.x_train, data.y_train,
                       data.x_test, data.y_test)  # warm-up (and compilation)
-        ref_time = grid_time = math.inf
-        peak = 0.0
+        ref_time = grid_time = grid_cpu = math.inf
+        peak = cpu_peak = 0.0
         for _ in range(args.repeats):
-            peak = max(peak, matmul_peak())
+            wall_peak, per_cpu = matmul_peak()
+            peak, cpu_peak = max(peak, wall_peak), max(cpu_peak, per_cpu)
             ref_time = min(ref_time, timed(lambda: train_reference(
                 runner.make_model, ref_task, data.x_train, data.y_train, data.x_test, data.y_test)))
             grid_time = min(grid_time, timed(lambda: trainer.train(
                 grid_task, data.x_train, data.y_train, data.x_test, data.y_test)))
+            grid_cpu = min(grid_cpu, cpu_seconds["last"])
         ref_rate = 2 * args.reference_steps / ref_time
         grid_rate = args.models * args.steps / grid_time
-        flops = matmul_flops(args.steps, cadence, args.models, n_eval) / grid_time
-        results[cadence] = (grid_rate / ref_rate, flops / peak)
+        work = matmul_flops(args.steps, cadence, args.models, n_eval)
+        flops = work / grid_time
+        results[cadence] = (grid_rate / ref_rate, flops / peak, grid_rate, work / grid_cpu / cpu_peak)
         print(f"cadence {cadence:>3}: reference {ref_rate:,.0f} model-steps/s | grid {grid_rate:,.0f} "
               f"model-steps/s | speedup {grid_rate / ref_rate:.1f}x | {flops / 1e9:.1f} GFLOP/s "
-              f"= {100 * flops / peak:.1f}% of the matmul peak ({peak / 1e9:.0f} GFLOP/s)")
-    speedup, fraction = results[100]
-    print(f"speedup={speedup:.1f} peak_fraction={fraction:.3f} models={args.models}")
+              f"= {100 * flops / peak:.1f}% of the matmul peak ({peak / 1e9:.0f} GFLOP/s) | per CPU-second "
+              f"{work / grid_cpu / 1e9:.1f} GFLOP = {100 * work / grid_cpu / cpu_peak:.1f}% of the matmul's "
+              f"({cpu_peak / 1e9:.1f})")
+    speedup, fraction, rate100, cpu_fraction = results[100]
+    last = (f"speedup={speedup:.1f} peak_fraction={fraction:.3f} cpu_peak_fraction={cpu_fraction:.3f} "
+            f"cadence5_fraction={results[5][2] / rate100:.3f} models={args.models}")
+    if args.contention:
+        task = paper_task(runner, args.models, args.steps, 100)
+
+        def rate() -> float:
+            return args.models * args.steps / timed(lambda: trainer.train(
+                task, data.x_train, data.y_train, data.x_test, data.y_test))
+
+        result = load_ratio(rate, repeats=args.repeats)
+        print(f"contention (cadence 100): quiet {result['quiet']:,.0f} model-steps/s, with one busy competitor "
+              f"{result['loaded']:,.0f} (median of {args.repeats} interleaved pairs)")
+        last += f" load_ratio={result['ratio']:.3f}"
+    print(last)
 
 
 if __name__ == "__main__":

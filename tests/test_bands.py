@@ -126,7 +126,7 @@ def test_rerun_resumes_and_a_new_normalization_adds_rows(with_bands, tmp_path, m
     shutil.copytree(with_bands, root)
     before = pd.read_parquet(root / "bands.parquet")
     done = {p.parent.name: p.read_text() for p in (root / "shards").glob("bands-*/done.json")}
-    assert len(done) == 2
+    assert len(done) == len(list((root / "shards").glob("pretrain-*")))  # one band shard per training shard
 
     def no_work(*args, **kwargs):
         raise AssertionError("a finished band shard was recomputed")
@@ -160,7 +160,7 @@ def test_whole_band_accuracy_equals_the_stored_test_accuracy(trained):
                                  else np.isclose(evaluations["flr"], key["flr"]))]
             assert len(row) == 1
             assert count / len(data.test_y) == pytest.approx(row["test_acc"].iloc[0], abs=1e-12), key
-    assert len(keys) == MODELS_PER_PLR
+    assert len(keys) == MODELS_PER_PLR * len(cfg.pretrain.lrs)  # one shard holds every PLR of its seed
 
 
 def linear_model(seed: int) -> torch.nn.Module:
@@ -243,10 +243,10 @@ def test_fourier_refuses_a_synthetic_experiment(tmp_path, capsys, make_tiny_conf
 def test_fourier_refuses_an_unfinished_experiment(trained, tmp_path, capsys):
     root = tmp_path / "exp"
     shutil.copytree(trained, root)
-    shutil.rmtree(root / "shards" / "swa-d0-s0-plr001")
+    shutil.rmtree(root / "shards" / "swa-d0-s0-0-n1")
     assert cli.main(["fourier", str(root), "--quiet", "--no-report"]) == 2
     err = capsys.readouterr().err
-    assert "swa-d0-s0-plr001" in err and "lrfeatures images" in err
+    assert "swa-d0-s0-0-n1" in err and "lrfeatures images" in err
     # Every training shard is checked before any band shard runs: nothing is computed for a half-done store.
     assert not any((root / "shards").glob("bands-*"))
 

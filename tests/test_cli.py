@@ -56,6 +56,8 @@ BAD_INPUTS = [
     ("image-folder-typo", ["images", "--dataset", "folder:{dir}/no-such-folder"], "no-such-folder"),
     ("not-a-tar", ["images", "--dataset", "folder:{dir}/junk.tar.gz"], "junk.tar.gz"),
     ("gzip-bomb", ["images", "--dataset", "folder:{dir}/bomb.tar.gz"], "unpacks to more than"),
+    # issue 18: exporting something that is not a store
+    ("export-not-experiment", ["export", "{dir}/empty", "--to", "tensorboard"], "not an lrfeatures experiment"),
 ]
 
 
@@ -175,6 +177,27 @@ def test_synthetic_help(capsys):
     out = capsys.readouterr().out
     for option in ("--preset", "--set", "--out", "--engine", "--no-report", "--quiet"):
         assert option in out
+
+
+@pytest.mark.parametrize("command", ["synthetic", "images", "run"])
+def test_every_experiment_command_takes_repeatable_log_flags(command, capsys):
+    from lrfeatures.cli import build_parser
+
+    rest = ["CONFIG.toml"] if command == "run" else []
+    args = build_parser().parse_args([command, *rest, "--log", "tensorboard", "--log", "wandb", "--log-per-model"])
+    assert args.log == ["tensorboard", "wandb"] and args.log_per_model
+    assert build_parser().parse_args([command, *rest]).log == []  # off by default
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, *rest, "--log", "neptune"])
+    assert exit_info.value.code == 2 and "invalid choice: 'neptune'" in capsys.readouterr().err
+
+
+def test_export_help_names_the_three_loggers(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--to" in out and all(name in out for name in ("tensorboard", "mlflow", "wandb"))
 
 
 def test_help_via_subprocess():

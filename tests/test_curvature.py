@@ -197,3 +197,24 @@ def test_curvature_is_off_by_default(tiny_run):
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert all("curvature" not in entry for entry in summary["per_plr"])
     assert not (tiny_run / "figures" / "curvature.png").exists()
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_handwritten_mlp_hvp_equals_autograd_double_backward(activation):
+    from lrfeatures.models.mlp import SIMLP
+
+    template = SIMLP(6, 5, 3, 1, activation).double()
+    gen = generator("hvp", activation)
+    m, p = 3, 6 * 5 + 5 * 5 * 2
+    theta = torch.randn(m, p, generator=gen, dtype=torch.float64)
+    frozen = {"head.weight": torch.randn(m, 1, 5, generator=gen, dtype=torch.float64)}
+    x, y = torch.randn(20, 6, generator=gen, dtype=torch.float64), (torch.rand(20, generator=gen) > 0.5).double()
+    fast = CurvatureProblem(kernel_for(template), theta, frozen, x, y)
+    slow = CurvatureProblem(kernel_for(template), theta, frozen, x, y)
+    slow.handwritten = False  # autograd's double backward through the same kernel
+    assert fast.handwritten
+    v = torch.randn(m, 4, p, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(fast.hvp(v), slow.hvp(v), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fast.hvp(v[:, 0]), slow.hvp(v[:, 0]), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fast.gradient(x, y), slow.gradient(x, y), rtol=1e-10, atol=1e-12)
+    assert fast.hvp(v).abs().max() > 1e-3  # not trivially zero

@@ -23,7 +23,7 @@ from lrfeatures.data.tinyimagenet import load_tiny_imagenet
 from lrfeatures.config import SyntheticDataConfig
 from lrfeatures.errors import ConfigError, DataError
 
-IMAGE_SETS = ["band-signal", "cifar10", "cifar100", "folder:PATH", "tinyimagenet:PATH"]
+IMAGE_SETS = ["band-signal", "bands-redundant", "cifar10", "cifar100", "folder:PATH", "tinyimagenet:PATH"]
 TINY_LAYOUT = "train/<wnid>/images/*.JPEG and val/images + val/val_annotations.txt"
 
 

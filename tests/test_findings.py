@@ -76,3 +76,25 @@ def test_numbers_are_json_safe():
     findings = build_findings(summary(regimes=["1", "1", "1", "1", "2B", "2B", "2B", "3", "3"]))
     for f in findings.values():
         assert all(v is None or math.isfinite(v) for v in f["numbers"].values())
+
+
+def band_block(sparsity_by_regime, winner="mid"):
+    """A measurements.band_features block: PT band sparsity per PLR from its regime."""
+    rows = [{"stage": "pretrain", "plr": p, "flr": None, "swa_k": 0,
+             "sparsity_index": {"mean": sparsity_by_regime.get(r), "std": 0.05, "n": 3},
+             "winner_share": {"low": 0.0, "mid": 0.0, "high": 0.0} | {winner: 1.0}}
+            for p, r in zip(PLRS, REGIMES)]
+    return {"measurements": {"band_features": {"bands": ["low", "mid", "high"], "per_plr": rows}}}
+
+
+def test_band_claims_only_with_a_band_block_and_each_verdict():
+    assert "B1" not in build_findings(summary())  # a synthetic (or plain image) run has no band claims
+    sparse = build_findings(summary() | band_block({"1": 0.1, "2A": 0.8, "2B": 0.3}, winner="high"))
+    assert sparse["B1"]["verdict"] == sparse["B2"]["verdict"] == HOLDS
+    assert sparse["B1"]["numbers"] == {"band_sparsity_2A_max": 0.8, "band_sparsity_lower_1_max": 0.1}
+    assert sparse["B1"]["top_band_2A"] == "high"
+    dense = build_findings(summary() | band_block({"1": 0.9, "2A": 0.8, "2B": 0.3}))
+    assert dense["B1"]["verdict"] == dense["B2"]["verdict"] == FAILS
+    no_2a = build_findings(summary(regimes=["1"] * 4 + ["2B"] * 3 + ["3"] * 2)
+                           | band_block({"1": 0.1, "2A": 0.8}))
+    assert no_2a["B1"]["verdict"] == UNMEASURABLE and no_2a["B2"]["verdict"] == HOLDS

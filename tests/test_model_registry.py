@@ -56,11 +56,11 @@ def test_the_declared_metadata():
     kinds = {name: (e.input_kind, e.si_group, e.engines) for name, e in MODELS.items()}
     assert kinds == {
         "mlp-si": ("vector", "all", ("native", "grid", "reference")),
-        "convnet-si": ("image", "all", ("images",)),
-        "resnet18-si": ("image", "all", ("images",)),
-        "resnet18": ("image", "none", ("images",)),
-        "vit": ("image", "none", ("images",)),
-        "vit-si": ("image", "partial", ("images",)),
+        "convnet-si": ("image", "all", ("fused", "images")),
+        "resnet18-si": ("image", "all", ("fused", "images")),
+        "resnet18": ("image", "none", ("fused", "images")),
+        "vit": ("image", "none", ("fused", "images")),
+        "vit-si": ("image", "partial", ("fused", "images")),
     }
     assert MODELS["vit"].options is ViTOptions and MODELS["vit-si"].options is ViTOptions
     assert all(MODELS[n].options is None for n in ("mlp-si", "convnet-si", "resnet18-si", "resnet18"))

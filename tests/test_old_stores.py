@@ -58,6 +58,17 @@ def without_new_fields(value):
     return value
 
 
+def nearly(a, b, rel: float = 2e-6) -> bool:
+    """Equal structures whose floats agree to `rel` (0.3's evaluation losses; see the tables above)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(nearly(a[k], b[k], rel) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(nearly(x, y, rel) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=rel, abs=0, nan_ok=True)
+    return a == b
+
+
 @pytest.mark.parametrize("kind", ["synthetic", "images"])
 def test_report_of_an_old_store(stores, kind, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # not the stores' folder: the report reads the store only, never the data
@@ -86,7 +97,7 @@ def resume(stores: Path, kind: str, monkeypatch) -> tuple[Path, dict[str, bytes]
     return root, kept
 
 
-@pytest.mark.parametrize("kind", ["synthetic", "images"])
+@pytest.mark.parametrize("kind", ["synthetic"])
 def test_resume_of_an_old_store_recomputes_bit_for_bit(stores, kind, monkeypatch):
     root, kept = resume(stores, kind, monkeypatch)
     after = done_files(root)
@@ -100,39 +111,36 @@ def test_resume_of_an_old_store_recomputes_bit_for_bit(stores, kind, monkeypatch
         # Every 0.1.0 column, in its order, same dtypes, same values, bit for bit (0.2 adds features.margin).
         table, before = pd.read_parquet(root / f"{name}.parquet"), old_table(kind, name)
         assert list(table.columns[:len(before.columns)]) == list(before.columns)
-        pd.testing.assert_frame_equal(table[before.columns], before, check_exact=True, obj=f"{kind}/{name}.parquet")
+        # Losses of recomputed evaluations: 0.3's fused C evaluation sums in another order (2e-6 relative
+        # bound, tests/test_eval_cadence.py); everything else, accuracies included, bit for bit.
+        losses = [c for c in before.columns if c.endswith("_loss")]
+        exact = [c for c in before.columns if c not in losses]
+        pd.testing.assert_frame_equal(table[exact], before[exact], check_exact=True, obj=f"{kind}/{name}.parquet")
+        pd.testing.assert_frame_equal(table[losses], before[losses], check_exact=False, rtol=2e-6, atol=0,
+                                      obj=f"{kind}/{name}.parquet")
     # The summary's per-PLR training statistics and grids are those of 0.1.0 too. 0.2 adds seed counts,
     # convergence, findings and a margin-based sparsity index, and votes regimes differently (issue 15).
     old, new = (json.loads(p.read_text()) for p in (OLD / kind / "summary.json", root / "summary.json"))
     for key in ("plrs", "flrs", "swa_ks") + (("dataset", "chance") if kind == "images" else ()):
         assert new[key] == old[key], key
-    assert without_new_fields(new["per_plr"]) == without_new_fields(old["per_plr"])  # bands blocks included
+    assert nearly(without_new_fields(new["per_plr"]), without_new_fields(old["per_plr"]))  # bands blocks included
     if kind == "images":  # `lrfeatures fourier`'s table is not the run's: left as it was
         assert (root / "bands.parquet").read_bytes() == (OLD / kind / "bands.parquet").read_bytes()
 
 
-def test_resume_of_an_old_image_store_keeps_its_bands_summary(stores, monkeypatch):
-    root, _ = resume(stores, "images", monkeypatch)
-    summary = json.loads((root / "summary.json").read_text())
-    assert "bands" in summary and all("bands" in entry for entry in summary["per_plr"])
-
-
-def test_fourier_bands_of_an_old_store_resume(stores, monkeypatch):
+@pytest.mark.parametrize("command", ["run", "fourier"])
+def test_an_old_image_store_is_refused_not_mixed(stores, monkeypatch, capsys, command):
+    """0.1/0.2 image stores hold one model per shard; 0.3 refuses to resume them (one line, exit 2), changing nothing."""
     root = stores / "images"
-    bands = sorted(p.name for p in (root / "shards").glob("bands-*"))
-    assert len(bands) == 2
-    shutil.rmtree(root / "shards" / bands[-1])
-    (root / "bands.parquet").unlink()
-    kept = done_files(root)
+    shutil.rmtree(root / "shards" / sorted(p.name for p in (root / "shards").glob("analyze-*"))[0])
+    before = done_files(root)
     monkeypatch.chdir(stores)
-    assert cli.main(["fourier", str(root), "--quiet", "--no-report"]) == 0
-    after = done_files(root)
-    assert {name: after[name] for name in kept} == kept  # only the deleted band shard was computed
-    assert sorted(set(after) - set(kept)) == [bands[-1]]
-    pd.testing.assert_frame_equal(pd.read_parquet(root / "bands.parquet"), old_table("images", "bands"),
-                                  check_exact=True)
-    summary = json.loads((root / "summary.json").read_text())
-    assert summary["bands"]["normalizations"] == ["train_additive"]
+    args = (["run", str(root / "config.toml"), "--out", str(root), "--allow-version-change"] if command == "run"
+            else ["fourier", str(root)])
+    assert cli.main(args + ["--quiet", "--no-report"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "one image model per shard" in err and "new --out" in err
+    assert done_files(root) == before
 
 
 OLD_VIT_CONFIG = """\

@@ -19,7 +19,7 @@ from lrfeatures.errors import ConfigError
 from lrfeatures.config import ImageConfig, ImageDataConfig
 from lrfeatures.experiments import Experiment, load_experiment_config, plan_shards
 from lrfeatures.data.augment import AugmentPipeline
-from lrfeatures.experiments.images import image_config
+from lrfeatures.experiments.images import image_config, model_refs
 from lrfeatures.models import build_model, model_entry
 from lrfeatures.models.registry import si_parameters
 from lrfeatures.optim import OptimizerConfig, ScheduleConfig
@@ -173,7 +173,8 @@ def test_tiny_practical_run_writes_tables_and_a_summary_without_regimes(finished
     # Nothing on the sphere: rho is 0 and the stored SWA vector covers every trainable parameter.
     from lrfeatures.store import ExperimentStore
 
-    weights = ExperimentStore(finished).shard_tensors("pretrain-d0-s0-plr000", "weights")
+    weights = {k.removeprefix("s0-plr000."): v for k, v in
+               ExperimentStore(finished).shard_tensors("pretrain-d0-s0-0-n1", "weights").items()}
     assert float(weights["rho"]) == 0.0
     cfg = load_config(practical(Path("unused")))
     model = build_model(cfg.model, (3, 16, 16), 3, 0)
@@ -211,16 +212,18 @@ def test_vit_si_pretrain_is_split_and_reproducible_with_dropout(folder, tmp_path
     weights = []
     for seed, run in enumerate(("a", "b")):
         experiment = Experiment(cfg, tmp_path / run)
-        assert experiment.worker.task(0.01, 1, 1.0, "pretrain", shard, 1, 1, 0, ()).optimizer.lr == 0.005
+        ref = model_refs(cfg, shard)[0]
+        assert experiment.worker.task(0.01, 1, 1.0, "pretrain", ref, 1, 1, 0, ()).optimizer.lr == 0.005
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # as a fresh process would: dropout must not depend on the global RNG
             experiment.run_shard(shard)
         weights.append(experiment.store.shard_tensors(shard.name, "weights"))
-    torch.testing.assert_close(weights[0]["checkpoints"], weights[1]["checkpoints"], rtol=0, atol=0)
+    key = f"{ref.tag}.checkpoints"
+    torch.testing.assert_close(weights[0][key], weights[1][key], rtol=0, atol=0)
     model, rho = experiment.worker.make_model(0, 0)
     n_si = flatten(si_parameters(model)).numel()
-    assert rho > 0 and weights[0]["checkpoints"].shape[1] > n_si
-    norms = weights[0]["checkpoints"][:, :n_si].norm(dim=1)
+    assert rho > 0 and weights[0][key].shape[1] > n_si
+    norms = weights[0][key][:, :n_si].norm(dim=1)
     torch.testing.assert_close(norms, torch.full_like(norms, rho), rtol=1e-5, atol=0)
 
 

@@ -4,6 +4,8 @@ import base64
 import json
 import math
 import re
+import shutil
+from pathlib import Path
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -17,8 +19,8 @@ from lrfeatures import report
 from lrfeatures.config import load_config, to_dict
 from lrfeatures.analysis import tables
 from lrfeatures.errors import DataError
-from lrfeatures.report import (FIGURES, Regimes, load_experiment, model_kinds, over_seeds, plot_geometry,
-                               regime_table, swa_k_of_choice, write_report)
+from lrfeatures.report import (FIGURE_SETS, FIGURES, FigureSet, Regimes, figures_for, load_experiment, model_kinds,
+                               over_seeds, plot_geometry, regime_table, swa_k_of_choice, write_report)
 from lrfeatures.store import ExperimentStore
 
 PLRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
@@ -301,3 +303,87 @@ def test_features_without_the_margin_column_fall_back_to_the_accuracy_index(tmp_
     page = write_report(root).read_text()
     assert "sparsity after PT (accuracy)" in page
     check_png(root / "figures" / "sparsity.png")
+
+
+# ---------------------------------------------------------------- reports that fit the experiment kind
+
+IMAGE_STORE = Path(__file__).parent / "data" / "stores-0.1.0" / "images"
+SYNTHETIC_ONLY = ("tick", "features", "sparsity")  # figures that need the synthetic data or feature probes
+# Phrases of a caption that asserts a result instead of describing the plot (findings: the findings panel).
+FINDING_WORDS = ("rely on", "relies on", "regime 2A models", "one basin", "SPEC §5:")
+
+
+@pytest.fixture
+def axis_labels(monkeypatch):
+    """{figure key: [x label, y label] of every axes}, recorded as the report's own figures are saved."""
+    labels: dict[str, list[tuple[str, str]]] = {}
+    real_save = report.synthetic.save
+
+    def recording_save(fig, path):
+        labels[Path(path).stem] = [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes]
+        return real_save(fig, path)
+
+    monkeypatch.setattr(report.synthetic, "save", recording_save)
+    return labels
+
+
+def not_drawn(page: str) -> list[str]:
+    """Keys of the figures the page says it could not draw."""
+    return re.findall(r"<b>([\w-]+)\.png</b> not drawn", page)
+
+
+def own_captions(page: str) -> list[str]:
+    """The captions of this module's figures (report/synthetic.py) on a page."""
+    keys = {key for key, _, _ in FIGURES}
+    return [c for k, c in re.findall(r"<b>([\w-]+)\.png</b>: (.*?)</figcaption>", page) if k in keys]
+
+
+@pytest.mark.slow  # draws a whole report
+def test_synthetic_report_fits_its_kind(tmp_path, axis_labels):
+    root, _, page = page_of(tmp_path)
+    assert not_drawn(page) == []
+    assert [key for key, _, _ in figures_for(load_experiment(root))] == ALL_FIGURES
+    curves = axis_labels["training_curves"]
+    assert [x for x, _ in curves[:2]] == ["pre-training step", "pre-training step"]  # metrics count iterations
+    assert "iterations to train loss" in axis_labels["convergence"][0][1]
+    assert not any("epoch" in x or "epoch" in y for labels in axis_labels.values() for x, y in labels)
+    assert "sparsity after PT (margin)" in page
+    captions = own_captions(page)
+    assert len(captions) == len(ALL_FIGURES)
+    assert not [c for c in captions if any(w in c for w in FINDING_WORDS)]
+
+
+@pytest.mark.slow  # draws a whole report
+def test_image_report_lists_only_image_figures_and_columns(tmp_path, axis_labels):
+    root = Path(shutil.copytree(IMAGE_STORE, tmp_path / "images"))
+    page = write_report(root).read_text()
+    drawn = {p.stem for p in (root / "figures").glob("*.png")}
+    for key in SYNTHETIC_ONLY:  # no note, no figure, no caption of another kind's figure
+        assert f"{key}.png" not in page and key not in drawn
+    own = [key for key, _, _ in figures_for(load_experiment(root))]
+    assert set(not_drawn(page)) <= set(own) and not set(own) & set(SYNTHETIC_ONLY)  # a note is news of this run
+    assert {"test_acc_finetune", "swa_acc", "geometry", "training_curves", "band_keep"} <= drawn
+    assert "sparsity after PT" not in page  # images have no feature probes: no always-empty column
+    header = re.findall(r"<thead><tr>(.*?)</tr></thead>", page)[1]  # the regime table
+    assert "sparsity" not in header and "test acc after PT" in header
+    curves = axis_labels["training_curves"]
+    assert [x for x, _ in curves[:2]] == ["pre-training epoch", "pre-training epoch"]  # metrics count epochs
+    assert not any("step" in x or "step" in y for labels in axis_labels.values() for x, y in labels)
+    assert not [c for c in own_captions(page) if any(w in c for w in FINDING_WORDS)]
+
+
+def test_a_figure_set_is_drawn_only_for_its_kinds_when_available(tmp_path):
+    exp = load_experiment(make_experiment(tmp_path / "exp"))
+    drawn = []
+    extra = FigureSet([("extra", lambda e, p: drawn.append(p), "an extra figure")], ("images",))
+    gated = FigureSet([("gated", lambda e, p: drawn.append(p), "a gated figure")], None, lambda e: False)
+    FIGURE_SETS.extend([extra, gated])
+    try:
+        keys = [key for key, _, _ in figures_for(exp)]
+        assert "extra" not in keys and "gated" not in keys  # another kind's set; an unavailable set
+        extra_synthetic = FigureSet(extra.figures, ("synthetic", "images"))
+        FIGURE_SETS.append(extra_synthetic)
+        assert [key for key, _, _ in figures_for(exp)][-1] == "extra"
+    finally:
+        for figure_set in (extra, gated, extra_synthetic):
+            FIGURE_SETS.remove(figure_set)

@@ -4,9 +4,11 @@
     lrfeatures images [--dataset NAME|folder:PATH|tinyimagenet:PATH] [--model NAME]
                       [--preset cpu-small|paper|FILE] [--out DIR] [--set a.b=v ...]
     lrfeatures run CONFIG.toml [--out DIR] [--set a.b=v ...]       (any registered experiment kind)
+    ... [--log tensorboard|mlflow|wandb ...] [--log-per-model]      (live logging, on the three above)
     lrfeatures fourier DIR [--normalization train|none|train_background_only|train_additive]
                            [--device DEV]
     lrfeatures report DIR
+    lrfeatures export DIR --to tensorboard|mlflow|wandb             (log a finished store; repeatable --to)
     lrfeatures verify DIR                                           (exit 1 if any shard is damaged)
     lrfeatures presets
 """
@@ -22,6 +24,7 @@ from . import __version__
 from .errors import ConfigError, LrfError
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+LOGGER_NAMES = ["tensorboard", "mlflow", "wandb"]  # tracking.LOGGERS (kept here: --help must not import it)
 
 EPILOG = """examples:
   lrfeatures synthetic                              # quick preset -> runs/synthetic-quick
@@ -29,6 +32,8 @@ EPILOG = """examples:
   lrfeatures synthetic --set pretrain.iterations=5000 --set seeds.train=[0,1]
   lrfeatures synthetic --engine reference           # the simple per-model loop (slow)
   lrfeatures report runs/synthetic-quick            # redraw figures without retraining
+  lrfeatures synthetic --log tensorboard            # live curves: tensorboard --logdir runs/synthetic-quick
+  lrfeatures export runs/synthetic-quick --to mlflow    # a finished store into DIR/mlruns
   lrfeatures images --dataset folder:cifar10-jpeg.tar.gz --model convnet-si --preset cpu-small
   lrfeatures images --dataset cifar10 --model resnet18-si --preset paper --device cuda
   lrfeatures images --dataset cifar10 --model vit --preset paper --device cuda   # vit-small-paper
@@ -79,6 +84,17 @@ def add_executor_flags(parser: argparse.ArgumentParser) -> None:
                         help="GPUs Ray reserves per shard (default: 1 if the device is cuda, else 0)")
 
 
+def add_log_flags(parser: argparse.ArgumentParser) -> None:
+    """--log and --log-per-model of an experiment command."""
+    parser.add_argument("--log", action="append", default=[], choices=LOGGER_NAMES, metavar="LOGGER",
+                        help="also log every shard's metrics as it commits to tensorboard (DIR/tensorboard), "
+                        "mlflow (DIR/mlruns, or $MLFLOW_TRACKING_URI) or wandb (offline in DIR/wandb unless "
+                        "$WANDB_MODE says otherwise); repeatable; each needs its extra, e.g. "
+                        "pip install 'lrfeatures[tensorboard]'")
+    parser.add_argument("--log-per-model", action="store_true",
+                        help="log one curve per model instead of the per-PLR mean and spread over seeds")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (model and data set choices come from the registries)."""
     from .data.registry import image_dataset_names
@@ -104,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--no-report", action="store_true", help="skip figures and report.html")
     syn.add_argument("--quiet", action="store_true", help="no progress bar")
     add_executor_flags(syn)
+    add_log_flags(syn)
 
     img = sub.add_parser("images", help="pretrain -> finetune -> SWA -> geometry on CIFAR or an image folder",
                          description="Run the image experiment (SPEC §4, §6) and write its report.")
@@ -120,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     img.add_argument("--no-report", action="store_true", help="skip figures and report.html")
     img.add_argument("--quiet", action="store_true", help="no progress bar")
     add_executor_flags(img)
+    add_log_flags(img)
 
     fou = sub.add_parser("fourier", help="test accuracy per Fourier band of every model of an image experiment",
                          description="Keep-band and remove-band test accuracy (SPEC §5) of every model of an "
@@ -146,9 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-report", action="store_true", help="skip figures and report.html")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     add_executor_flags(run)
+    add_log_flags(run)
 
     rep = sub.add_parser("report", help="redraw figures and report.html of an experiment from its store")
     rep.add_argument("dir", help="experiment directory")
+
+    exp = sub.add_parser("export", help="log a finished experiment to TensorBoard, MLflow or W&B",
+                         description="Log every committed shard of a store, its summary.json and report.html, "
+                         "as `--log` does live: TensorBoard event files in DIR/tensorboard, an MLflow file "
+                         "store in DIR/mlruns (or $MLFLOW_TRACKING_URI), offline W&B runs in DIR/wandb.")
+    exp.add_argument("dir", help="experiment directory")
+    exp.add_argument("--to", action="append", required=True, choices=LOGGER_NAMES, metavar="LOGGER",
+                     help="tensorboard | mlflow | wandb (repeatable)")
+    exp.add_argument("--per-model", action="store_true",
+                     help="one curve per model instead of the per-PLR mean and spread over seeds")
 
     ver = sub.add_parser("verify", help="check every shard of a store against its done.json (exit 1 if any is bad)",
                          description="Check every shard's files against the sizes and hashes in its done.json, "
@@ -190,17 +219,30 @@ def run_config(args: argparse.Namespace) -> int:
 
 def run_and_report(args: argparse.Namespace, cfg) -> int:
     """Run every pending shard, then write the report (a figure problem never hides saved results)."""
+    from .experiments.runtime import tracking_session
+
     out = out_dir(args, cfg)
-    run_on_executor(args, cfg, out)
-    print(f"results: {out}")
-    if not args.no_report:
-        try:
-            print(f"report: {write_report_checked(out, cfg.kind)}")
-        except LrfError:
-            raise
-        except Exception as err:  # noqa: BLE001  (the results are saved; a figure problem must not hide them)
-            print(f"lrfeatures: warning: report not written ({type(err).__name__}: {err}); "
-                  f"try `lrfeatures report {out}` later", file=sys.stderr)
+    # The report is written inside the session, so the loggers can attach it.
+    with tracking_session(cfg, out, args.log, args.log_per_model):
+        run_on_executor(args, cfg, out)
+        print(f"results: {out}")
+        if not args.no_report:
+            try:
+                print(f"report: {write_report_checked(out, cfg.kind)}")
+            except LrfError:
+                raise
+            except Exception as err:  # noqa: BLE001  (the results are saved; a figure problem must not hide them)
+                print(f"lrfeatures: warning: report not written ({type(err).__name__}: {err}); "
+                      f"try `lrfeatures report {out}` later", file=sys.stderr)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """`lrfeatures export DIR --to NAME`: a finished store to the loggers."""
+    from .experiments.runtime import export_experiment
+
+    export_experiment(args.dir, args.to, args.per_model)
+    print(f"exported {args.dir} to {', '.join(dict.fromkeys(args.to))}")
     return 0
 
 
@@ -284,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "log", None) or getattr(args, "to", None):
+            from .tracking import check_loggers
+            check_loggers(args.log if args.command != "export" else args.to)  # before anything is written
+        if args.command == "export":
+            return run_export(args)
         if args.command == "synthetic":
             return run_synthetic(args)
         if args.command == "images":

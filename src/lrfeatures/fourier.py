@@ -40,11 +40,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from .errors import ConfigError, DataError
+from .threads import torch_threads
 
 NORMALIZATIONS = ("train", "none", "train_background_only")
 MODES = ("keep", "remove")
@@ -149,11 +151,16 @@ class BandFilter:
     Backends compute the same projections: "fft" (rfft2, half-spectrum masks, irfft2) and
     "matmul" (the real Fourier basis, see the module docstring); "auto" = "matmul" on CPU,
     "fft" elsewhere (GPU matmuls may run in TF32, FFTs do not).
+
+    `threads` (CPU only): torch threads while a pass runs. 0 picks them per pass from the cores
+    that other runnable processes leave free (threads.barrier_threads): every product here is
+    a short OpenMP region whose barrier waits for its slowest thread, so one thread that loses
+    its core to a neighbour stalls them all. None leaves torch's setting alone.
     """
 
     def __init__(
         self, height: int = 32, width: int | None = None, bands: Sequence[Band] | None = None,
-        backend: str = "auto",
+        backend: str = "auto", threads: int | None = 0,
     ):
         self.height = height
         self.width = height if width is None else width
@@ -163,7 +170,14 @@ class BandFilter:
         if backend not in BACKENDS:
             raise ConfigError(f"band filter backend {backend!r} is unknown; use one of {BACKENDS}")
         self.backend = backend
+        self.threads = threads
         self._cache: dict[tuple, object] = {}
+
+    def _threads(self, images: torch.Tensor):
+        """The thread-count context of one pass (a no-op off the CPU or with threads=None)."""
+        if images.device.type != "cpu" or self.threads is None:
+            return nullcontext()
+        return torch_threads(self.threads)  # one choice per pass: changing it costs milliseconds
 
     @property
     def n_bands(self) -> int:
@@ -266,11 +280,12 @@ class BandFilter:
     ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (start, band images [n_bands, B, C, H, W]) for consecutive chunks of B images."""
         images = self._check_call(images, mode)
-        for start in range(0, images.shape[0], chunk_size):
-            x = images[start : start + chunk_size]
-            out = x.new_empty((self.n_bands, *x.shape))
-            self._filter_into(x, mode, keep_dc, out)
-            yield start, out
+        with self._threads(images):  # the consumer's work between chunks runs under it too
+            for start in range(0, images.shape[0], chunk_size):
+                x = images[start : start + chunk_size]
+                out = x.new_empty((self.n_bands, *x.shape))
+                self._filter_into(x, mode, keep_dc, out)
+                yield start, out
 
     def __call__(
         self, images: torch.Tensor, mode: str = "keep", keep_dc: bool = False, chunk_size: int = 256
@@ -278,9 +293,10 @@ class BandFilter:
         """Band images [n_bands, N, C, H, W] of float images [N, C, H, W] (computed in chunks of N)."""
         images = self._check_call(images, mode)
         out = images.new_empty((self.n_bands, *images.shape))
-        for start in range(0, images.shape[0], chunk_size):
-            stop = min(start + chunk_size, images.shape[0])
-            self._filter_into(images[start:stop], mode, keep_dc, out[:, start:stop])
+        with self._threads(images):
+            for start in range(0, images.shape[0], chunk_size):
+                stop = min(start + chunk_size, images.shape[0])
+                self._filter_into(images[start:stop], mode, keep_dc, out[:, start:stop])
         return out
 
 

@@ -2,8 +2,12 @@
 
 Every number is measured on a fixed, seeded subset of the training set (`curvature.samples`
 images or points, the same for every model of a data seed), for every final model of a shard
-at once: the Hessian-vector products of all M models run as one `torch.func` program (vmap of
-a jvp of the gradient over the stacked flat SI weights [M, P]).
+at once. For the SI MLP the Hessian-vector products of all M models are hand-written
+(analysis/mlp_hvp.py: the R-operator of the grid engine's backward, the forward/backward
+intermediates computed once and shared by all products, S probe vectors per model in one
+call); other models use autograd's double backward. The measurement runs in float32 (the
+products are exact in float64 too: the tests compare them with explicit Hessians there).
+Image models: analysis/image_curvature.py (one model at a time, BN in eval mode).
 
 Definitions (SPEC §9). For an SI group θ, f(cθ) = f(θ), so the gradient is orthogonal to θ and
 H(cθ) = H(θ)/c². Curvature *along the sphere* is that of the tangent-space Hessian
@@ -20,9 +24,10 @@ is value × ‖θ‖² (the `*_unit` columns; equal to the value itself at ρ = 
     Hessian trace       Hutchinson: mean of zᵀ H_T z over `curvature.probes` Rademacher z, with its
                         standard error std/√probes (hessian_trace, hessian_trace_se)
     Fisher traces       (1/N) Σᵢ E‖P ∇ log p(ŷ|xᵢ)‖²: empirical with ŷ = the observed label,
-                        true with ŷ drawn from the model (the expectation is taken exactly)
+                        true with ŷ drawn from the model (binary head: the expectation is exact)
     gradient noise      mean over minibatches (training batch size, a partition of the subset)
-                        of ‖P g_b‖², over ‖P g‖² of the full subset gradient (scale-free)
+                        of ‖P g_b‖², over ‖P g‖² of the full subset gradient (scale-free; NaN
+                        when the subset holds fewer than two minibatches)
 """
 
 from __future__ import annotations
@@ -41,9 +46,10 @@ from ..engine.kernels import MLPKernel, kernel_for
 from ..errors import ConfigError
 from ..models.registry import model_entry, si_parameters
 from ..seeding import generator
-from ..sphere import split, tangent
+from ..sphere import flatten, split, tangent
 from ..store import ExperimentStore
 from .measurements import register_measurement
+from .mlp_hvp import MLPPrimal, logit_grad_norms, mlp_hvp, mlp_primal
 from .tables import mean_std
 
 Logits = Callable[[torch.Tensor, dict, torch.Tensor], torch.Tensor]
@@ -90,6 +96,8 @@ class CurvatureProblem:
 
     def __post_init__(self):
         self.stacked = self.kernel.stack_frozen(self.frozen)
+        self.handwritten = isinstance(self.kernel, MLPKernel)  # analysis/mlp_hvp.py: no autograd graph
+        self._primal: MLPPrimal | None = None
         self._leaf = self._grad = None
 
     def losses(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -102,8 +110,21 @@ class CurvatureProblem:
         theta = self.theta if theta is None else theta
         return tangent(theta, v) if self.on_sphere else v
 
+    def primal(self) -> MLPPrimal:
+        """The MLP intermediates of every model, shared by all products (cached)."""
+        if self._primal is None:
+            self._primal = mlp_primal(self.kernel, split(self.theta.detach(), self.kernel.shapes),
+                                      self.stacked.detach(), self.x, self.y)
+        return self._primal
+
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
-        """P H P v for every model at once: v [M, P], or [M, S, P] for S vectors per model."""
+        """P H P v for every model at once: v [M, P], or [M, S, P] for S vectors per model (one product)."""
+        if self.handwritten:
+            many = v if v.dim() == 3 else v[:, None]                         # [M, S, P]
+            many = self.project(many, self.theta[:, None])
+            hv = flatten(mlp_hvp(self.primal(), split(many, self.kernel.shapes)), 2)
+            hv = self.project(hv, self.theta[:, None])
+            return hv if v.dim() == 3 else hv[:, 0]
         if v.dim() == 3:
             return torch.stack([self.hvp(v[:, s]) for s in range(v.shape[1])], 1)
         if self._grad is None:
@@ -116,23 +137,22 @@ class CurvatureProblem:
 
     def gradient(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """P ∇L [M, P] of every model on (x, y)."""
+        if self.handwritten:  # the grid engine's hand-written backward
+            grads = self.kernel.loss_and_grad(split(self.theta.detach(), self.kernel.shapes), self.stacked,
+                                              x, y, True)[1]
+            return self.project(flatten(grads, 1))
         theta = self.theta.detach().requires_grad_()
         return self.project(torch.autograd.grad(self.losses(theta, x, y).sum(), theta)[0])
 
+    def fisher(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empirical and true Fisher traces [M] (exact for the binary head; `gen` is not needed)."""
+        return fisher_traces(self)
+
 
 def per_sample_logit_grad_norms(problem: CurvatureProblem, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits z [M, n] and ‖∇θ z(x_i)‖² [M, n] of an SI MLP (MLPKernel), without per-sample gradients.
-
-    Each hidden weight's per-sample gradient is the outer product of the signal at its output
-    (before the LayerNorm) and its input, so its squared norm is ‖δ_i‖² ‖a_i‖²; LayerNorm acts
-    per sample, so one batched backward of Σ z gives every δ_i.
-    """
-    theta = problem.theta.detach().requires_grad_()
-    cache: list = []
-    logits = problem.kernel.forward(split(theta, problem.kernel.shapes), problem.stacked, x, True, cache)
-    inputs = [x.expand(len(theta), *x.shape)] + [c[3] for c in cache[:-1]]   # [M, n, in] per layer
-    signals = torch.autograd.grad(logits.sum(), [c[0] for c in cache])      # [M, n, out] per layer
-    return logits.detach(), sum(d.square().sum(-1) * a.square().sum(-1) for d, a in zip(signals, inputs))
+    """Logits z [M, n] and ‖∇θ z(x_i)‖² [M, n] of an SI MLP (MLPKernel), without per-sample gradients."""
+    return logit_grad_norms(problem.kernel, split(problem.theta.detach(), problem.kernel.shapes),
+                            problem.stacked, x)
 
 
 def fisher_traces(problem: CurvatureProblem, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +160,7 @@ def fisher_traces(problem: CurvatureProblem, chunk: int = 256) -> tuple[torch.Te
 
     Per-sample losses of an SI model are SI themselves, so their gradients are already tangent.
     """
-    emp = torch.zeros(problem.theta.shape[0], dtype=problem.theta.dtype)
+    emp = torch.zeros(problem.theta.shape[0], dtype=problem.theta.dtype, device=problem.theta.device)
     true = torch.zeros_like(emp)
     for lo in range(0, len(problem.x), chunk):
         x, y = problem.x[lo:lo + chunk], problem.y[lo:lo + chunk]
@@ -160,10 +180,18 @@ def explicit_tangent_hessian(template: nn.Module, theta: torch.Tensor, frozen_ro
     return proj @ hessian @ proj
 
 
-def orthogonalize(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """w [M, P] minus its components along the orthonormal rows of basis [j, M, P] (twice, for stability)."""
-    for _ in range(2):
-        w = w - torch.einsum("jm,jmp->mp", torch.einsum("jmp,mp->jm", basis, w), basis)
+def orthogonalize(w: torch.Tensor, basis: torch.Tensor, passes: int = 2) -> torch.Tensor:
+    """w [M, P] minus its components along the orthonormal rows of basis [M, j, P].
+
+    Classical Gram-Schmidt, repeated while a pass removes more than 30% of some model's norm
+    (Kahan-Parlett's "twice is enough"), at most `passes` times.
+    """
+    for _ in range(passes):  # two bmm per pass, on the model-major basis as it lies in memory
+        before = w.norm(dim=1)
+        coef = torch.bmm(basis, w.unsqueeze(2))                              # [M, j, 1]
+        w = w - torch.bmm(coef.transpose(1, 2), basis).squeeze(1)
+        if not (w.norm(dim=1) < 0.7 * before).any():
+            break
     return w
 
 
@@ -171,27 +199,34 @@ def lanczos(hvp: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, st
             project: Callable[[torch.Tensor], torch.Tensor], gen: torch.Generator) -> torch.Tensor:
     """Ritz values [M, steps] (descending) of `hvp` from start vectors [M, P], full reorthogonalization.
 
-    A model whose Krylov space closes early (beta ≈ 0) restarts from a fresh random vector
-    orthogonal to its basis, so the tridiagonal matrix stays that of an orthonormal basis.
+    The three-term recurrence removes the two latest basis vectors first, so reorthogonalizing
+    against the whole basis removes only rounding errors and one pass is mostly enough. A model
+    whose Krylov space closes early (beta ≈ 0) restarts from a fresh random vector orthogonal
+    to its basis, so the tridiagonal matrix stays that of an orthonormal basis.
     """
     m, p = start.shape
     steps = min(steps, p)
-    basis = torch.zeros(steps, m, p, dtype=start.dtype)      # [j, M, P]
-    alpha = torch.zeros(m, steps, dtype=start.dtype)
-    beta = torch.zeros(m, max(steps - 1, 0), dtype=start.dtype)
+    like = {"dtype": start.dtype, "device": start.device}
+    basis = torch.zeros(m, steps, p, **like)      # [M, j, P]
+    alpha = torch.zeros(m, steps, **like)
+    beta = torch.zeros(m, max(steps - 1, 0), **like)
     q = start / start.norm(dim=1, keepdim=True)
     for j in range(steps):
-        basis[j] = q
+        basis[:, j] = q
         w = hvp(q)
         alpha[:, j] = (w * q).sum(1)
-        w = orthogonalize(w, basis[:j + 1])
+        w = w - alpha[:, j, None] * q
+        if j > 0:
+            w = w - beta[:, j - 1, None] * basis[:, j - 1]
+        w = orthogonalize(w, basis[:, :j + 1])
         if j == steps - 1:
             break
         b = w.norm(dim=1)
         scale = alpha[:, :j + 1].abs().amax(1).clamp_min(1e-300)
         closed = b <= 1e-10 * scale  # an invariant subspace: continue in a fresh direction
         if closed.any():
-            fresh = orthogonalize(project(torch.randn(m, p, generator=gen, dtype=start.dtype)), basis[:j + 1])
+            fresh = orthogonalize(project(torch.randn(m, p, generator=gen, dtype=start.dtype).to(start.device)),
+                                  basis[:, :j + 1])
             w = torch.where(closed[:, None], fresh, w)
             b = torch.where(closed, torch.zeros_like(b), b)
         beta[:, j] = b
@@ -201,20 +236,22 @@ def lanczos(hvp: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, st
 
 
 def hutchinson(hvp: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, int], probes: int,
-               gen: torch.Generator, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Trace estimate [M] and its standard error [M] from `probes` Rademacher vectors per model."""
+               gen: torch.Generator, dtype: torch.dtype, device: torch.device | str = "cpu"
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trace estimate [M] and its standard error [M] from `probes` Rademacher vectors per model (one product)."""
     m, p = shape
-    z = torch.randint(0, 2, (m, probes, p), generator=gen).to(dtype) * 2 - 1  # [M, S, P]
+    z = torch.randint(0, 2, (m, probes, p), generator=gen).to(device, dtype) * 2 - 1  # [M, S, P]
     quad = (z * hvp(z)).sum(-1)                                              # [M, S]
-    se = quad.std(1) / probes ** 0.5 if probes > 1 else torch.full((m,), float("nan"), dtype=dtype)
+    se = quad.std(1) / probes ** 0.5 if probes > 1 else torch.full((m,), float("nan"), dtype=dtype, device=device)
     return quad.mean(1), se
 
 
 def gradient_noise_ratio(problem: CurvatureProblem, batch_size: int) -> torch.Tensor:
-    """Mean minibatch ‖P g_b‖² over ‖P g‖² [M], minibatches partitioning the subset."""
+    """Mean minibatch ‖P g_b‖² over ‖P g‖² [M], minibatches partitioning the subset (NaN for fewer than 2)."""
     groups = len(problem.x) // batch_size
-    if groups < 1:
-        return torch.full((problem.theta.shape[0],), float("nan"), dtype=problem.theta.dtype)
+    if groups < 2:  # one minibatch is the full subset: the ratio would be 1 by construction
+        return torch.full((problem.theta.shape[0],), float("nan"), dtype=problem.theta.dtype,
+                          device=problem.theta.device)
     grads = torch.stack([problem.gradient(problem.x[i * batch_size:(i + 1) * batch_size],
                                           problem.y[i * batch_size:(i + 1) * batch_size])
                          for i in range(groups)], 1)                          # [M, G, P]
@@ -228,10 +265,11 @@ def measure_curvature(problem: CurvatureProblem, top_k: int, iterations: int, pr
     m, p = problem.theta.shape
     dtype = problem.theta.dtype
     gen = generator("curvature", *seed)
-    start = problem.project(torch.randn(m, p, generator=gen, dtype=dtype))
+    device = problem.theta.device
+    start = problem.project(torch.randn(m, p, generator=gen, dtype=dtype).to(device))
     ritz = lanczos(problem.hvp, start, min(iterations, p - int(problem.on_sphere)), problem.project, gen)
-    trace, trace_se = hutchinson(problem.hvp, (m, p), probes, gen, dtype)
-    emp, true = fisher_traces(problem)
+    trace, trace_se = hutchinson(problem.hvp, (m, p), probes, gen, dtype, device)
+    emp, true = problem.fisher(gen)
     out = {f"eig_{i + 1}": ritz[:, i] for i in range(top_k)}
     out.update(sharpness=ritz[:, 0], hessian_trace=trace, hessian_trace_se=trace_se, fisher_trace_empirical=emp,
                fisher_trace_true=true, grad_noise_ratio=gradient_noise_ratio(problem, batch_size))
@@ -282,14 +320,15 @@ def synthetic_curvature(ctx: Any) -> pd.DataFrame | None:
     chosen = [(keys, theta, frozen) for keys, theta, frozen in ctx.solutions if keys["stage"].iloc[0] in cfg.stages]
     if not chosen:
         return None
-    # float64: eigenvalues and traces are compared with explicit Hessians to 1e-6 (tests)
-    template = ctx.make_model().double()
+    # float32: the hand-written products are exact in float64 too (the tests compare them with
+    # explicit Hessians there), but float32 halves the memory traffic that bounds their cost
+    template = ctx.make_model().float()
     on_sphere = model_entry(ctx.cfg.model.name).has_si_group
     check_curvature_model(template, cfg.top_k, on_sphere)
     x, y = seeded_subset(ctx.data.x_train.cpu(), ctx.data.y_train.cpu(), cfg.samples, cfg.seed, ctx.shard.data_seed)
-    problem = CurvatureProblem(kernel_for(template), torch.cat([c[1] for c in chosen]).double().cpu(),
-                               {k: torch.cat([c[2][k] for c in chosen]).double().cpu() for k in chosen[0][2]},
-                               x.double(), y.double(), on_sphere)
+    problem = CurvatureProblem(kernel_for(template), torch.cat([c[1] for c in chosen]).float().cpu(),
+                               {k: torch.cat([c[2][k] for c in chosen]).float().cpu() for k in chosen[0][2]},
+                               x.float(), y.float(), on_sphere)
     columns = curvature_columns(problem, cfg.top_k, cfg.iterations, cfg.probes, ctx.cfg.pretrain.batch_size,
                                 (cfg.seed, ctx.shard.data_seed, *ctx.shard.train_seeds))
     table = pd.concat([c[0] for c in chosen], ignore_index=True)
@@ -320,3 +359,8 @@ def add_curvature_blocks(store: ExperimentStore, per_plr: list[dict[str, Any]]) 
             else:
                 block[stage] = {str(int(k)): curvature_block(g) for k, g in rows.groupby("swa_k")}
         entry["curvature"] = block
+
+
+# The experiments import this module to register the curvature measurement; these register the image
+# curvature and the filter-norm histograms alongside it (they import from here, hence at the end).
+from . import filter_norms, image_curvature  # noqa: E402, F401

@@ -20,6 +20,15 @@ numbers as the tables of the report. The rules (all thresholds are constants bel
       pairs, averaged over the 2A PLRs and over the lower half of regime 1. Holds if the 2A
       barrier <= BARRIER_2A and the regime-1 one exceeds it by >= BARRIER_GAP points.
 
+Band claims, only for experiments with the band_features measurement (the bands-redundant
+image task, analysis/band_features.py; summary.json's measurements.band_features block):
+
+  B1  2A relies on fewer bands than regime 1: a = the highest pre-training band-sparsity seed
+      mean over the 2A PLRs, b = the highest over the lower half of regime 1. Holds if
+      a - b >= SPARSITY_GAP. The block also names the band that wins most often in 2A.
+  B2  regime 1 uses all bands: b (as in B1) <= DENSE_MAX, the band sparsity of three about
+      equally used bands plus probe noise (two equal bands score 0.21, one band 1).
+
 The S2 rule repeats part of what makes a PLR 2A (best variant within the best tolerance of the
 best anywhere), so it mostly checks that the regime labels and the tables agree.
 """
@@ -31,11 +40,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import band_features  # noqa: F401  (registers the band measurement; its block feeds B1, B2)
+
 HOLDS, FAILS, UNMEASURABLE = "holds", "does not hold", "not measurable"
 SPARSITY_GAP = 0.2    # S1, S3: index points between 2A and the regime it is compared with
 SPREAD_RATIO = 2.0    # S4: the 2B FLR spread must be at least this many times the 2A one ...
 SPREAD_GAP = 0.02     # ... and larger by this much (two test-accuracy standard errors on 2,000 samples)
 BARRIER_2A = 1.0      # S5: largest 2A test barrier (%) that counts as "one basin"
+DENSE_MAX = 0.35      # B2: highest band sparsity that still reads "uses all bands"
 BARRIER_GAP = 2.0     # S5: how much higher (points of %) the lower regime-1 barrier must be: twice the
                       # ~1-point standard error of a test error on 2,000 samples
 
@@ -90,8 +102,41 @@ def _compare(numbers: dict[str, float], test: Callable[..., bool]) -> bool | Non
     return None if any(not math.isfinite(v) for v in numbers.values()) else bool(test(*numbers.values()))
 
 
+def _band_entries(summary: dict) -> dict[float, dict]:
+    """Pre-training blocks of the band_features measurement, by PLR (empty without it)."""
+    block = (summary.get("measurements") or {}).get("band_features") or {}
+    return {e["plr"]: e for e in block.get("per_plr", []) if e.get("stage") == "pretrain" and e.get("plr")}
+
+
+def band_findings(summary: dict, two_a: list[dict], lower_one: list[dict]) -> dict[str, dict[str, Any]]:
+    """B1, B2 of the module docstring; {} when the experiment has no band_features block."""
+    bands = _band_entries(summary)
+    if not bands:
+        return {}
+
+    def sparsity(entries: list[dict]) -> float:
+        return _max([_value(bands.get(e["plr"]), "sparsity_index", "mean") for e in entries])
+
+    b1 = {"band_sparsity_2A_max": sparsity(two_a), "band_sparsity_lower_1_max": sparsity(lower_one)}
+    b2 = {"band_sparsity_lower_1_max": b1["band_sparsity_lower_1_max"]}
+    wins: dict[str, float] = {}
+    for e in two_a:
+        for name, share in (bands.get(e["plr"]) or {}).get("winner_share", {}).items():
+            wins[name] = wins.get(name, 0.0) + share
+    found = {
+        "B1": _finding("regime 2A relies on fewer frequency bands than regime 1",
+                       f"max 2A PT band sparsity - max lower-half regime-1 PT band sparsity >= {SPARSITY_GAP}",
+                       b1, _compare(b1, lambda a, b: a - b >= SPARSITY_GAP)),
+        "B2": _finding("regime 1 uses all frequency bands",
+                       f"max lower-half regime-1 PT band sparsity <= {DENSE_MAX}", b2,
+                       _compare(b2, lambda b: b <= DENSE_MAX)),
+    }
+    found["B1"]["top_band_2A"] = max(wins, key=wins.get) if wins else None
+    return found
+
+
 def build_findings(summary: dict) -> dict[str, dict[str, Any]]:
-    """The findings block of summary.json (S1-S5, see the module docstring)."""
+    """The findings block of summary.json (S1-S5, and B1-B2 for band experiments; see the module docstring)."""
     entries = sorted(summary.get("per_plr", []), key=lambda e: e["plr"])
     by_regime: dict[str, list[dict]] = {}
     for entry in entries:
@@ -126,4 +171,5 @@ def build_findings(summary: dict) -> dict[str, dict[str, Any]]:
                        f"mean 2A test barrier <= {BARRIER_2A}% and mean lower-half regime-1 barrier "
                        f">= 2A + {BARRIER_GAP} points", s5,
                        _compare(s5, lambda a, b: a <= BARRIER_2A and b >= a + BARRIER_GAP)),
+        **band_findings(summary, two_a, lower_one),
     }

@@ -35,19 +35,24 @@ def training_subset(ctx: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 @register_measurement("geometry", kinds=("images",), summarize=None)
 def image_geometry(ctx: Any) -> pd.DataFrame:
-    """Angles and train/test error barriers (in %) of FT-low, FT-high and SWA of one image model."""
+    """Angles and train/test error barriers (in %) of FT-low, FT-high and SWA, for every model of the shard."""
+    return pd.DataFrame([row for ref in ctx.refs for row in model_geometry(ctx, ref)])
+
+
+def model_geometry(ctx: Any, ref: Any) -> list[dict[str, Any]]:
+    """The three geometry pairs of one pre-trained model (ref: its data seed, training seed, PLR index)."""
     cfg, shard, data, runner = ctx.cfg, ctx.shard, ctx.data, ctx.runner
     flrs = cfg.finetune.lrs
-    work, rho = runner.trained_model(shard, "pretrain")
+    work, rho = runner.trained_model(ref, "pretrain", shard=shard)
     n_angle = sum(p.numel() for p in si_parameters(work)) or None
 
     def tracked(flr_index: int) -> torch.Tensor:
-        model, _ = runner.trained_model(shard, "finetune", flr_index)
+        model, _ = runner.trained_model(ref, "finetune", flr_index, shard=shard)
         return flatten(tracked_parameters(model)).detach().clone()
 
     ft_low, ft_high = tracked(flrs.index(min(flrs))), tracked(flrs.index(max(flrs)))
     k = swa_k_of_choice(cfg.swa.ks)
-    swa = runner.weights(shard, "pretrain")[f"swa.k{k}"].to(ft_low)
+    swa = runner.weights(shard, "pretrain")[f"{ref.tag}.swa.k{k}"].to(ft_low)
     x_train, y_train = training_subset(ctx)
     solutions, known, current = (ft_low, ft_high, swa), {}, [None]
 
@@ -70,11 +75,11 @@ def image_geometry(ctx: Any) -> pd.DataFrame:
         return errors
 
     rows = []
-    plr = cfg.pretrain.lrs[shard.plr_index]
+    plr = cfg.pretrain.lrs[ref.plr_index]
     for pair, (first, second) in zip(GEOMETRY_PAIRS, [(ft_low, ft_high), (swa, ft_high), (swa, ft_low)]):
         result = linear_barrier(error, first, second, cfg.analysis.geometry_points, prepare)
-        rows.append({"data_seed": shard.data_seed, "train_seed": shard.train_seed, "plr": plr, "pair": pair,
+        rows.append({"data_seed": ref.data_seed, "train_seed": ref.train_seed, "plr": plr, "pair": pair,
                      "angle": float(angular_distance(first[:n_angle], second[:n_angle])),
                      "train_barrier": result["barrier"]["train"], "test_barrier": result["barrier"]["test"],
                      "swa_k": k})
-    return pd.DataFrame(rows)
+    return rows

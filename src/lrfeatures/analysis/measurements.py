@@ -99,6 +99,6 @@ def measurements_for(kind: str, automatic: bool = True) -> list[Measurement]:
 
 
 def measurement_blocks(tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
-    """summary.json's "measurements": the summarize block of each measurement with a table."""
+    """summary.json's "measurements": the summarize block of each measurement with a non-empty table."""
     return {name: MEASUREMENTS[name].summarize(table) for name, table in tables.items()
-            if name in MEASUREMENTS and MEASUREMENTS[name].summarize is not None}
+            if name in MEASUREMENTS and MEASUREMENTS[name].summarize is not None and len(table)}

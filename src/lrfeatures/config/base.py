@@ -184,6 +184,7 @@ def load_config(source: str | dict[str, Any], overrides: list[str] | tuple[str, 
         raise ConfigError(f"unknown experiment kind {kind!r}; choose one of: {', '.join(CONFIG_KINDS)}")
     data["kind"] = kind
     migrate_vit_section(data)
+    migrate_bf16_flag(data)
     cfg = from_dict(CONFIG_KINDS[kind], data)
     cfg.validate()
     return cfg
@@ -197,6 +198,14 @@ def migrate_vit_section(data: dict[str, Any]) -> None:
     model = data.setdefault("model", {})
     if isinstance(model, dict) and str(model.get("name", "")) in ("vit", "vit-si"):
         model["options"] = {**vit, **model.get("options", {})}
+
+
+def migrate_bf16_flag(data: dict[str, Any]) -> None:
+    """Turn a 0.2 image store's engine.bf16 flag into engine.precision."""
+    engine = data.get("engine")
+    if data.get("kind") == "images" and isinstance(engine, dict) and "bf16" in engine:
+        flag = engine.pop("bf16")
+        engine.setdefault("precision", "bf16" if flag is True else "fp32")
 
 
 def dump_toml(cfg: Any) -> str:

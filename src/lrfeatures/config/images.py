@@ -14,7 +14,9 @@ import torch
 from ..errors import ConfigError
 from ..optim import OPTIMIZERS, OptimizerConfig, ScheduleConfig, build_optimizer
 from .base import get_field
-from .sections import ExperimentSections, FinetuneGrid, ModelConfig, PretrainGrid, SphereConfig, check_shared
+from .synthetic import check_stages
+from .sections import (CurvatureConfig, ExperimentSections, FinetuneGrid, ModelConfig, PretrainGrid, SphereConfig,
+                       check_curvature, check_shared)
 
 
 @dataclass
@@ -36,13 +38,27 @@ class ImageDataConfig:
 
 
 @dataclass
+class ImagePretrainStage:
+    """One pre-training stage before the last: a fixed ELR (`lr`) or a multiple of the grid PLR (`lr_scale`)."""
+
+    lr: float = 0.0          # this stage's effective LR for every grid PLR (0: use lr_scale)
+    lr_scale: float = 0.0    # or lr_scale x the grid PLR (0: use lr)
+    epochs: int = 0
+
+
+@dataclass
 class ImagePretrainConfig(PretrainGrid):
-    """Pre-training over a grid of effective LRs, counted in epochs (SWA itself is accumulated online)."""
+    """Pre-training over a grid of effective LRs, counted in epochs (SWA itself is accumulated online).
+
+    `stages` run first, in order, each from the previous one's weights; the last stage is always
+    `epochs` epochs at the grid PLR, and its checkpoints feed SWA and its weights fine-tuning.
+    """
 
     batch_size: int = 128
     epochs: int = 200
     ckpt_every_epochs: int = 1
     log_every_epochs: int = 1
+    stages: list[ImagePretrainStage] = field(default_factory=list)  # [] = one stage at the grid PLR
 
 
 @dataclass
@@ -75,10 +91,13 @@ class ImageOptimizerConfig:
 class ImageEngineConfig:
     """Where and how models train."""
 
+    name: str = "auto"                # "fused": a stage's models as one program (engine/fused.py) | "single":
+                                      # one at a time | "auto": fused on CUDA, single on CPU (faster there, measured)
     device: str = "cpu"
-    bf16: bool = False                # bf16 autocast (CUDA only; ignored with a warning on CPU)
-    channels_last: bool = False       # NHWC convolutions (CUDA only; ignored with a warning on CPU)
-    memory_budget_gb: float = 4.0     # kept checkpoints stay on the device when they fit in this
+    precision: str = "fp32"           # "fp32" | "bf16" (autocast on CPU and CUDA; sphere step and norm in fp32)
+    channels_last: bool = False       # NHWC convolutions (one-model engine on CUDA; ignored elsewhere)
+    memory_budget_gb: float = 4.0     # fused: models per chunk; single: kept checkpoints stay on the device
+    train_seeds_per_shard: int = 0    # 0: all training seeds of a data seed (and all their PLRs) in one shard
     eval_batch_size: int = 1000
     threads: int = 0                  # CPU threads for torch while the experiment runs (0 = torch's default)
 
@@ -106,6 +125,7 @@ class ImageConfig(ExperimentSections):
     finetune: ImageFinetuneConfig = field(default_factory=ImageFinetuneConfig)
     engine: ImageEngineConfig = field(default_factory=ImageEngineConfig)
     analysis: ImageAnalysisConfig = field(default_factory=ImageAnalysisConfig)
+    curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field (the data set and model are checked by the recipe)."""
@@ -129,6 +149,14 @@ class ImageConfig(ExperimentSections):
                               "(the SPEC uses 21)")
         if not self.swa.ks:
             raise ConfigError("swa.ks is empty; give at least one K, e.g. --set swa.ks=[2]")
+        check_curvature(self.curvature)
+        check_stages(self.pretrain.stages, "epochs")
+        if self.engine.name not in ("auto", "fused", "single"):
+            raise ConfigError(f"engine.name={self.engine.name!r} is unknown; use 'auto', 'fused' or 'single'")
+        if self.engine.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"engine.precision={self.engine.precision!r} is unknown; use 'fp32' or 'bf16'")
+        if self.engine.train_seeds_per_shard < 0:
+            raise ConfigError("engine.train_seeds_per_shard must be >= 0 (0 = all seeds in one shard)")
 
     def validate_practical(self) -> None:
         """The optimizer, schedule and augmentation fields of the practical setting."""

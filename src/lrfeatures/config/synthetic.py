@@ -46,12 +46,12 @@ class PretrainConfig(PretrainGrid):
     stages: list[PretrainStage] = field(default_factory=list)  # [] = one stage at the grid PLR
 
 
-def check_stages(stages: list[PretrainStage]) -> None:
-    """Each earlier stage needs iterations > 0 and exactly one of lr > 0 or lr_scale > 0."""
+def check_stages(stages: list, length: str = "iterations") -> None:
+    """Each earlier stage needs `length` > 0 (iterations or epochs) and exactly one of lr > 0 or lr_scale > 0."""
     for i, stage in enumerate(stages):
         where = f"pretrain.stages[{i}]"
-        if stage.lr == 0 and stage.lr_scale == 0 and stage.iterations == 0:
-            raise ConfigError(f"{where} is empty; give e.g. {{lr = 0.03, iterations = 2000}} or remove it")
+        if stage.lr == 0 and stage.lr_scale == 0 and getattr(stage, length) == 0:
+            raise ConfigError(f"{where} is empty; give e.g. {{lr = 0.03, {length} = 20}} or remove it")
         for name in ("lr", "lr_scale"):
             value = getattr(stage, name)
             if not math.isfinite(value) or value < 0:
@@ -59,8 +59,8 @@ def check_stages(stages: list[PretrainStage]) -> None:
         if (stage.lr > 0) == (stage.lr_scale > 0):
             raise ConfigError(f"{where} must set exactly one of lr (an ELR) or lr_scale (x the grid PLR), "
                               "each > 0")
-        if stage.iterations <= 0:
-            raise ConfigError(f"{where}.iterations={stage.iterations} must be > 0")
+        if getattr(stage, length) <= 0:
+            raise ConfigError(f"{where}.{length}={getattr(stage, length)} must be > 0")
 
 
 @dataclass

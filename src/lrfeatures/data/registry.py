@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from ..config import SyntheticDataConfig
 from ..errors import ConfigError
+from .band_redundant import load_bands_redundant
 from .cifar import CIFAR, cifar_loader
 from .files import tree_fingerprint
 from .folder import load_folder_entry
@@ -136,6 +137,8 @@ register_dataset("tinyimagenet", "image", load_tiny_imagenet_entry, takes_path=T
                  description="Tiny ImageNet (official layout, folder or archive); val is the test split")
 register_dataset("band-signal", "image", load_band_signal,
                  description="ground-truth 32x32 images whose class lives only in the mid Fourier band")
+register_dataset("bands-redundant", "image", load_bands_redundant,
+                 description="16x16 images whose class is carried by the low, mid and high bands at once")
 for _shape in SHAPES.values():
     register_dataset(_shape.name, "vector", _shape_loader(_shape.name),
                      description=f"2-D shape '{_shape.name}': {(_shape.__doc__ or '').strip().splitlines()[0]}")

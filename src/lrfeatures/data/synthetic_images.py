@@ -58,22 +58,26 @@ class BandSignalConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field."""
-        checks = [
-            (self.num_classes >= 2, "num_classes must be >= 2"),
-            (self.size >= 4 and self.size % 2 == 0, "size must be even and >= 4"),
-            (self.channels >= 1, "channels must be >= 1"),
-            (self.n_train >= 1 and self.n_test >= 1, "n_train and n_test must be >= 1"),
-            (self.signal_strength >= 0, "signal_strength must be >= 0"),
-            (0 <= self.amplitude_jitter <= 1, "amplitude_jitter must be in [0, 1]"),
-            (0 <= self.phase_jitter <= math.pi, "phase_jitter must be in [0, pi]"),
-            (self.noise_exponent >= 0, "noise_exponent must be >= 0"),
-            (0 <= self.channel_correlation <= 1, "channel_correlation must be in [0, 1]"),
-            (0 < self.contrast <= 0.5, "contrast must be in (0, 0.5]"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"BandSignalConfig: {message}; fix that field")
+        check_signal_fields(self, [(self.n_train >= 1 and self.n_test >= 1, "n_train and n_test must be >= 1"),
+                                   (self.noise_exponent >= 0, "noise_exponent must be >= 0")])
         signal_band(self)
+
+
+def check_signal_fields(cfg, extra: list[tuple[bool, str]]) -> None:
+    """The checks every class-signal image config shares, then `extra`: one-line ConfigError on the first failure."""
+    checks = [
+        (cfg.num_classes >= 2, "num_classes must be >= 2"),
+        (cfg.size >= 4 and cfg.size % 2 == 0, "size must be even and >= 4"),
+        (cfg.channels >= 1, "channels must be >= 1"),
+        (cfg.signal_strength >= 0, "signal_strength must be >= 0"),
+        (0 <= cfg.amplitude_jitter <= 1, "amplitude_jitter must be in [0, 1]"),
+        (0 <= cfg.phase_jitter <= math.pi, "phase_jitter must be in [0, pi]"),
+        (0 <= cfg.channel_correlation <= 1, "channel_correlation must be in [0, 1]"),
+        (0 < cfg.contrast <= 0.5, "contrast must be in (0, 0.5]"),
+    ] + extra
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{type(cfg).__name__}: {message}; fix that field")
 
 
 def signal_band(cfg: BandSignalConfig) -> Band:

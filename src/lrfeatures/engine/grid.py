@@ -183,14 +183,18 @@ class GridTrainer:
                     grad_norm=torch.full((num_models,), math.nan, **floats), grad_sum=torch.zeros(num_models, **floats),
                     loss_sum=torch.zeros(num_models, **floats), count=torch.zeros(num_models, **floats))
 
-        def evaluate(x, y):
+        # The C kernel evaluates train and test in one fused pass per model, on sets laid out once.
+        eval_sets = native.prepare([(x_train, y_train), (x_test, y_test)]) if native is not None else None
+
+        def evaluate_both():
             if native is None:
-                return evaluate_grid(self.sums, parts, frozen, x, y, eval_chunk)
-            return native.evaluate(theta, frozen, x, y)
+                return (*evaluate_grid(self.sums, parts, frozen, x_train, y_train, eval_chunk),
+                        *evaluate_grid(self.sums, parts, frozen, x_test, y_test, eval_chunk))
+            loss, acc = native.evaluate_sets(theta, frozen, eval_sets)  # [2, M] each
+            return loss[0], acc[0], loss[1], acc[1]
 
         def log(row: int) -> None:
-            train_loss, train_acc = evaluate(x_train, y_train)
-            test_loss, test_acc = evaluate(x_test, y_test)
+            train_loss, train_acc, test_loss, test_acc = evaluate_both()
             values = dict(train_loss=train_loss, train_acc=train_acc, test_loss=test_loss, test_acc=test_acc,
                           grad_norm=sums["grad_norm"], grad_norm_mean=sums["grad_sum"] / sums["count"],
                           batch_loss_mean=sums["loss_sum"] / sums["count"], diverged=(~sums["active"]).to(dtype))

@@ -17,8 +17,9 @@ own LR and weight decay) under a per-step LR schedule. Checkpoints and SWA avera
 Dropout (the ViT) draws from the global RNG, which each task seeds inside `fork_rng`, so a run
 is reproducible and resumable.
 
-One model trains at a time: several PLRs are not batched into one program here (on a GPU the
-ResNet-18 already fills the device; on a CPU a grid of small convs gains little).
+This is the one-model engine: the reference that the fused engine (engine/fused.py, a whole
+stage's models as one program, the default) is tested against, and the fallback for models the
+fused engine cannot take (dropout).
 """
 
 from __future__ import annotations
@@ -138,10 +139,15 @@ def bn_buffers(model: nn.Module) -> list[torch.Tensor]:
 
 
 def amp_context(device: torch.device, bf16: bool):
-    """bf16 autocast on CUDA when asked, else nothing."""
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast (CPU or CUDA) when asked, else nothing; parameters and the sphere step stay fp32."""
+    if bf16 and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def upcast(logits: torch.Tensor) -> torch.Tensor:
+    """bf16 logits to float32 for the loss; float32 and float64 stay as they are."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
 def prepare_input(x: torch.Tensor, normalization: tuple[torch.Tensor, torch.Tensor],
@@ -170,7 +176,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     for start in range(0, len(x), batch_size):
         xb = prepare_input(x[start:start + batch_size], normalization, channels_last)
         with amp_context(x.device, bf16):
-            logits = model(xb).float()
+            logits = upcast(model(xb))
         yb = y[start:start + batch_size]
         loss_sum += F.cross_entropy(logits, yb, reduction="sum")
         correct += (logits.argmax(1) == yb).sum()
@@ -266,7 +272,7 @@ class SplitOptimizer:
         """One step on the normalized batch x [B, C, H, W]: sphere step for SI, optimizer step for the rest."""
         self.model.train()
         with amp_context(x.device, self.bf16):
-            logits = self.model(x).float()
+            logits = upcast(self.model(x))
         loss = F.cross_entropy(logits, y)
         grads = torch.autograd.grad(loss, self.params + self.free)
         si_grads, free_grads = grads[:len(self.params)], grads[len(self.params):]

@@ -8,7 +8,7 @@
  * model runs a whole segment of steps while its weights (8 KB), gradients and activations
  * stay in L1, and every product is a register-blocked loop the compiler vectorizes.
  *
- * Layout: activations are feature-major, one vector of LANES samples per feature
+ * Layout: activations are feature-major, one vector of LANES (16, 8 or 4) samples per feature
  * (a[f][v], v = sample vector), so LayerNorm statistics, the loss and the element-wise
  * work are vertical vector ops. Weight gradients contract over samples, so they use a
  * sample-major copy of each layer input (x rows as stored; hidden activations transposed).
@@ -33,7 +33,20 @@
 #ifndef REAL
 #define REAL float
 #endif
-#define LANES 16
+/* A vec is one hardware register of samples: 64 bytes with AVX-512, else 32 (AVX2; two NEON
+ * registers). GCC lowers arrays of wider vectors through the stack: 4-5x slower on AVX2. */
+#ifndef VECTOR_BYTES /* -DVECTOR_BYTES=64 on AVX2 tests the AVX-512 layout (slowly) */
+#if defined(__AVX512F__)
+#define VECTOR_BYTES 64
+#else
+#define VECTOR_BYTES 32
+#endif
+#endif
+#define BYTES_float 4
+#define BYTES_double 8
+#define CAT(a, b) a##b
+#define XCAT(a, b) CAT(a, b)
+#define LANES (VECTOR_BYTES / XCAT(BYTES_, REAL)) /* a preprocessor constant: 16, 8 or 4 */
 typedef REAL vec __attribute__((vector_size(LANES * sizeof(REAL))));
 typedef __typeof__((vec){0} < (vec){0}) mask; /* lane-wise comparison results */
 #define ALIGN 128
@@ -48,107 +61,131 @@ static int64_t layer_offset(const Shape *s, int64_t layer) {
     return layer == 0 ? 0 : s->width * s->in_dim + (layer - 1) * s->width * s->width;
 }
 
-/* out[o][v] = sum_i w[o][i] in[i][v], eight output rows (and two sample vectors, where there
- * are two) at a time: sixteen FMA chains, each weight loaded once for two vectors. */
+/* Register blocking, fitted to the register file: a block of RB output rows by VB sample
+ * vectors keeps RB * VB independent FMA chains in registers, enough to hide the FMA latency;
+ * 32 registers (AVX-512) hold 8 x 2 accumulators, 16 (AVX2) hold 4 x 2 plus the inputs. */
+#if VECTOR_BYTES == 64
+#define RB 8
+#else
+#define RB 4
+#endif
+#define VB 2
+
+/* out[o][v] = sum_i w[o][i] in[i][v], RB output rows by VB sample vectors at a time:
+ * each weight loaded once for VB vectors, each input vector once for RB rows. */
 static void layer_forward(const REAL *restrict w, int64_t rows, int64_t cols, const vec *restrict in,
                           vec *restrict out, int64_t nv) {
     int64_t v = 0;
-    for (; v + 2 <= nv; v += 2) {
-        for (int64_t o = 0; o < rows; o += 8) { /* rows: a multiple of LANES */
-            vec acc[2][8] = {{{0}}};
+    for (; v + VB <= nv; v += VB)
+        for (int64_t o = 0; o < rows; o += RB) { /* rows: a multiple of LANES */
+            vec acc[VB][RB] = {{{0}}};
             for (int64_t i = 0; i < cols; i++) {
-                const vec x0 = in[i * nv + v], x1 = in[i * nv + v + 1];
+                vec x[VB];
+#pragma GCC unroll 2
+                for (int b = 0; b < VB; b++) x[b] = in[i * nv + v + b];
 #pragma GCC unroll 8
-                for (int r = 0; r < 8; r++) {
+                for (int r = 0; r < RB; r++) {
                     const REAL weight = w[(o + r) * cols + i];
-                    acc[0][r] += weight * x0;
-                    acc[1][r] += weight * x1;
+#pragma GCC unroll 2
+                    for (int b = 0; b < VB; b++) acc[b][r] += weight * x[b];
                 }
             }
 #pragma GCC unroll 8
-            for (int r = 0; r < 8; r++) {
-                out[(o + r) * nv + v] = acc[0][r];
-                out[(o + r) * nv + v + 1] = acc[1][r];
-            }
+            for (int r = 0; r < RB; r++)
+#pragma GCC unroll 2
+                for (int b = 0; b < VB; b++) out[(o + r) * nv + v + b] = acc[b][r];
         }
-    }
-    for (; v < nv; v++) {
-        for (int64_t o = 0; o < rows; o += 8) {
-            vec acc[8] = {0};
+    for (; v < nv; v++)
+        for (int64_t o = 0; o < rows; o += RB) {
+            vec acc[RB] = {0};
             for (int64_t i = 0; i < cols; i++) {
                 const vec x = in[i * nv + v];
 #pragma GCC unroll 8
-                for (int r = 0; r < 8; r++) acc[r] += w[(o + r) * cols + i] * x;
+                for (int r = 0; r < RB; r++) acc[r] += w[(o + r) * cols + i] * x;
             }
 #pragma GCC unroll 8
-            for (int r = 0; r < 8; r++) out[(o + r) * nv + v] = acc[r];
+            for (int r = 0; r < RB; r++) out[(o + r) * nv + v] = acc[r];
         }
-    }
 }
 
-/* din[i][v] = sum_o w[o][i] d[o][v] (the gradient w.r.t. the layer input), eight inputs at a time. */
+/* din[i][v] = sum_o w[o][i] d[o][v] (the gradient w.r.t. the layer input), RB inputs by
+ * VB sample vectors at a time (cols: a multiple of LANES, so of RB). */
 static void layer_input_grad(const REAL *restrict w, int64_t rows, int64_t cols, const vec *restrict d,
                              vec *restrict din, int64_t nv) {
-    for (int64_t v = 0; v < nv; v++) {
-        int64_t i = 0;
-        for (; i + 8 <= cols; i += 8) {
-            vec acc[8] = {0};
+    int64_t v = 0;
+    for (; v + VB <= nv; v += VB)
+        for (int64_t i = 0; i < cols; i += RB) {
+            vec acc[VB][RB] = {{{0}}};
             for (int64_t o = 0; o < rows; o++) {
-                vec g = d[o * nv + v];
+                vec g[VB];
+#pragma GCC unroll 2
+                for (int b = 0; b < VB; b++) g[b] = d[o * nv + v + b];
 #pragma GCC unroll 8
-                for (int r = 0; r < 8; r++) acc[r] += w[o * cols + i + r] * g;
+                for (int r = 0; r < RB; r++) {
+                    const REAL weight = w[o * cols + i + r];
+#pragma GCC unroll 2
+                    for (int b = 0; b < VB; b++) acc[b][r] += weight * g[b];
+                }
             }
 #pragma GCC unroll 8
-            for (int r = 0; r < 8; r++) din[(i + r) * nv + v] = acc[r];
+            for (int r = 0; r < RB; r++)
+#pragma GCC unroll 2
+                for (int b = 0; b < VB; b++) din[(i + r) * nv + v + b] = acc[b][r];
         }
-        for (; i < cols; i++) {
-            vec acc = {0};
-            for (int64_t o = 0; o < rows; o++) acc += w[o * cols + i] * d[o * nv + v];
-            din[i * nv + v] = acc;
+    for (; v < nv; v++)
+        for (int64_t i = 0; i < cols; i += RB) {
+            vec acc[RB] = {0};
+            for (int64_t o = 0; o < rows; o++) {
+                const vec g = d[o * nv + v];
+#pragma GCC unroll 8
+                for (int r = 0; r < RB; r++) acc[r] += w[o * cols + i + r] * g;
+            }
+#pragma GCC unroll 8
+            for (int r = 0; r < RB; r++) din[(i + r) * nv + v] = acc[r];
         }
-    }
 }
 
-/* g[o][:] = sum_n d[o][n] in_rows[n][:] (rows a multiple of 8, cols of LANES); d is
- * feature-major, i.e. a [rows][samples] matrix. Blocks of eight rows by two vectors of
- * columns give sixteen FMA chains: a sum over only 16 samples is too short to hide the FMA
- * latency with fewer. Returns the lanes of sum(g^2), so the gradient norm needs no second pass. */
+/* g[o][:] = sum_n d[o][n] in_rows[n][:] (rows a multiple of RB, cols of LANES); d is
+ * feature-major, i.e. a [rows][samples] matrix. Blocks of RB rows by VB vectors of columns
+ * (RB * VB FMA chains: a sum over only 16 samples is too short to hide the FMA latency with
+ * fewer). Returns the lanes of sum(g^2), so the gradient norm needs no second pass. */
 static vec layer_weight_grad(const vec *restrict d, const REAL *const *restrict in_rows, int64_t rows,
                              int64_t cols, int64_t samples, REAL *restrict g) {
     const REAL *ds = (const REAL *)d;
     vec squares = {0};
-    for (int64_t o = 0; o < rows; o += 8) {
+    for (int64_t o = 0; o < rows; o += RB) {
         int64_t c = 0;
-        for (; c + 2 * LANES <= cols; c += 2 * LANES) {
-            vec acc[8][2] = {{{0}}};
+        for (; c + VB * LANES <= cols; c += VB * LANES) {
+            vec acc[RB][VB] = {{{0}}};
             for (int64_t n = 0; n < samples; n++) {
-                vec x0, x1; /* rows need not be vector-aligned */
-                memcpy(&x0, in_rows[n] + c, sizeof x0);
-                memcpy(&x1, in_rows[n] + c + LANES, sizeof x1);
+                vec x[VB]; /* rows need not be vector-aligned */
+#pragma GCC unroll 2
+                for (int b = 0; b < VB; b++) memcpy(&x[b], in_rows[n] + c + b * LANES, sizeof x[b]);
 #pragma GCC unroll 8
-                for (int r = 0; r < 8; r++) {
+                for (int r = 0; r < RB; r++) {
                     const REAL scale = ds[(o + r) * samples + n];
-                    acc[r][0] += scale * x0;
-                    acc[r][1] += scale * x1;
+#pragma GCC unroll 2
+                    for (int b = 0; b < VB; b++) acc[r][b] += scale * x[b];
                 }
             }
 #pragma GCC unroll 8
-            for (int r = 0; r < 8; r++) {
-                memcpy(g + (o + r) * cols + c, &acc[r][0], sizeof(vec));
-                memcpy(g + (o + r) * cols + c + LANES, &acc[r][1], sizeof(vec));
-                squares += acc[r][0] * acc[r][0] + acc[r][1] * acc[r][1];
-            }
+            for (int r = 0; r < RB; r++)
+#pragma GCC unroll 2
+                for (int b = 0; b < VB; b++) {
+                    memcpy(g + (o + r) * cols + c + b * LANES, &acc[r][b], sizeof(vec));
+                    squares += acc[r][b] * acc[r][b];
+                }
         }
         for (; c < cols; c += LANES) {
-            vec acc[8] = {0};
+            vec acc[RB] = {0};
             for (int64_t n = 0; n < samples; n++) {
                 vec x;
                 memcpy(&x, in_rows[n] + c, sizeof x);
 #pragma GCC unroll 8
-                for (int r = 0; r < 8; r++) acc[r] += ds[(o + r) * samples + n] * x;
+                for (int r = 0; r < RB; r++) acc[r] += ds[(o + r) * samples + n] * x;
             }
 #pragma GCC unroll 8
-            for (int r = 0; r < 8; r++) {
+            for (int r = 0; r < RB; r++) {
                 memcpy(g + (o + r) * cols + c, &acc[r], sizeof acc[r]);
                 squares += acc[r] * acc[r];
             }
@@ -209,6 +246,7 @@ static void norm_relu_backward(vec *restrict d, const vec *restrict normed, cons
 }
 
 /* Two-source lane shuffles: GCC and clang spell them differently. */
+#define SEQ(...) __VA_ARGS__ /* a comma-separated lane list passed as one macro argument */
 #ifdef __clang__
 #define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
@@ -216,30 +254,36 @@ typedef __typeof__(_Generic((REAL)0, float: (int32_t)0, default: (int64_t)0)) la
 typedef lane_index lane_indices __attribute__((vector_size(LANES * sizeof(REAL))));
 #define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (lane_indices){__VA_ARGS__})
 #endif
-/* Lanes for swapping the off-diagonal blocks of size 8, 4, 2, 1 between rows i and i + size. */
-#define LO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
-#define HI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
-#define LO4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
-#define HI4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
-#define LO2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
-#define HI2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
-#define LO1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
-#define HI1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
 #define SWAP_BLOCKS(size, LO, HI)                                  \
     for (int i = 0; i < LANES; i++)                                \
         if (!(i & size)) {                                         \
             const vec a = r[i], b = r[i + size];                   \
-            r[i] = SHUFFLE(a, b, LO);                              \
-            r[i + size] = SHUFFLE(a, b, HI);                       \
+            r[i] = SHUFFLE(a, b, LO), r[i + size] = SHUFFLE(a, b, HI); \
         }
 
 /* Transpose a LANES x LANES tile held in vectors: afterwards r[i][k] is the old r[k][i].
- * Four rounds swap ever smaller off-diagonal blocks (8, 4, 2, 1) with two-source shuffles. */
+ * log2(LANES) rounds swap ever smaller off-diagonal blocks (LANES/2, ..., 1) between rows
+ * i and i + size with two-source shuffles (index LANES + j is lane j of the second source). */
 static void transpose_tile(vec r[LANES]) {
-    SWAP_BLOCKS(8, LO8, HI8)
-    SWAP_BLOCKS(4, LO4, HI4)
-    SWAP_BLOCKS(2, LO2, HI2)
-    SWAP_BLOCKS(1, LO1, HI1)
+#if LANES == 16
+    SWAP_BLOCKS(8, SEQ(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+                SEQ(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
+    SWAP_BLOCKS(4, SEQ(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
+                SEQ(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31))
+    SWAP_BLOCKS(2, SEQ(0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
+                SEQ(2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31))
+    SWAP_BLOCKS(1, SEQ(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
+                SEQ(1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31))
+#elif LANES == 8
+    SWAP_BLOCKS(4, SEQ(0, 1, 2, 3, 8, 9, 10, 11), SEQ(4, 5, 6, 7, 12, 13, 14, 15))
+    SWAP_BLOCKS(2, SEQ(0, 1, 8, 9, 4, 5, 12, 13), SEQ(2, 3, 10, 11, 6, 7, 14, 15))
+    SWAP_BLOCKS(1, SEQ(0, 8, 2, 10, 4, 12, 6, 14), SEQ(1, 9, 3, 11, 5, 13, 7, 15))
+#elif LANES == 4
+    SWAP_BLOCKS(2, SEQ(0, 1, 4, 5), SEQ(2, 3, 6, 7))
+    SWAP_BLOCKS(1, SEQ(0, 4, 2, 6), SEQ(1, 5, 3, 7))
+#else
+#error "LANES must be 4, 8 or 16"
+#endif
 }
 
 /* Sample-major copy of a feature-major activation: rows[n][f] (features a multiple of LANES). */
@@ -269,13 +313,10 @@ static void *zalloc(size_t bytes) {
 static int scratch_alloc(Scratch *s, const Shape *sh) {
     const int64_t nv = sh->nv, h = sh->width, l = sh->depth, samples = nv * LANES;
     const int64_t feats = sh->in_dim > h ? sh->in_dim : h;
-    s->input = zalloc(sizeof(vec) * sh->in_dim * nv);
-    s->normed = zalloc(sizeof(vec) * l * h * nv);
-    s->act = zalloc(sizeof(vec) * l * h * nv);
+    s->input = zalloc(sizeof(vec) * sh->in_dim * nv), s->logit = zalloc(sizeof(vec) * nv);
+    s->normed = zalloc(sizeof(vec) * l * h * nv), s->act = zalloc(sizeof(vec) * l * h * nv);
     s->rstd = zalloc(sizeof(vec) * l * nv);
-    s->delta = zalloc(sizeof(vec) * feats * nv);
-    s->delta_in = zalloc(sizeof(vec) * feats * nv);
-    s->logit = zalloc(sizeof(vec) * nv);
+    s->delta = zalloc(sizeof(vec) * feats * nv), s->delta_in = zalloc(sizeof(vec) * feats * nv);
     s->rows = zalloc(sizeof(REAL) * (l > 1 ? l - 1 : 1) * samples * h);
     s->grad = zalloc(sizeof(REAL) * num_weights(sh));
     s->zeros = zalloc(sizeof(REAL) * sh->in_dim);
@@ -476,10 +517,7 @@ int lrf_train(int64_t num_models, int64_t depth, int64_t in_dim, int64_t width, 
               REAL *count) {
     Shape sh = {depth, in_dim, width, (batch + LANES - 1) / LANES};
     Scratch s;
-    if (!scratch_alloc(&s, &sh)) {
-        scratch_free(&s);
-        return -1;
-    }
+    if (!scratch_alloc(&s, &sh)) return scratch_free(&s), -1; /* frees what was allocated */
     const int64_t p = num_weights(&sh);
     REAL labels[sh.nv * LANES];
     FAST_FLOATS_BEGIN
@@ -508,43 +546,50 @@ int lrf_train(int64_t num_models, int64_t depth, int64_t in_dim, int64_t width, 
     return 0;
 }
 
-/* Mean BCE loss and accuracy of models [0, num_models) on n samples, given as `blocks`
- * feature-major blocks of nv vectors, xt[b][in_dim][nv][LANES], with labels y (padded to
- * the blocks). A NaN logit counts as class 0, as in torch. Returns 0, or -1 on allocation failure. */
+int64_t lrf_lanes(void) { return LANES; } /* samples per vector: lrf_evaluate's block layout */
+
+/* Mean BCE loss and accuracy of models [0, num_models) on `sets` labelled sets in one pass per
+ * model (its weights stay in L1 while every set's blocks stream past). Set k is blocks[k]
+ * feature-major blocks of nv vectors, xt[b][in_dim][nv][LANES], with labels y (each set padded
+ * to whole blocks, the sets back to back); n[k] of its samples are real. Results go to
+ * mean_loss[k * out_stride + m] and accuracy[k * out_stride + m]. A NaN logit counts as class 0,
+ * as in torch. Returns 0, or -1 on allocation failure. */
 int lrf_evaluate(int64_t num_models, int64_t depth, int64_t in_dim, int64_t width, REAL eps, const REAL *theta,
-                 const REAL *head, int64_t nv, const REAL *xt, const REAL *y, int64_t blocks, int64_t n,
-                 REAL *mean_loss, REAL *accuracy) {
+                 const REAL *head, int64_t nv, const REAL *xt, const REAL *y, int64_t sets, const int64_t *blocks,
+                 const int64_t *n, REAL *mean_loss, REAL *accuracy, int64_t out_stride) {
     Shape sh = {depth, in_dim, width, nv};
     Scratch s;
-    if (!scratch_alloc(&s, &sh)) {
-        scratch_free(&s);
-        return -1;
-    }
+    if (!scratch_alloc(&s, &sh)) return scratch_free(&s), -1; /* frees what was allocated */
     const int64_t p = num_weights(&sh), block = nv * LANES;
     const vec zero = {0};
     FAST_FLOATS_BEGIN
     for (int64_t m = 0; m < num_models; m++) {
-        double loss_total = 0, correct_total = 0;
-        for (int64_t b = 0; b < blocks; b++) {
-            forward(&sh, theta + m * p, head + m * width, eps, (const vec *)(xt + b * in_dim * block), &s);
-            vec loss = {0}, correct = {0};
-            for (int64_t v = 0; v < nv; v++) {
-                vec labels, valid = {0};
-                memcpy(&labels, y + b * block + v * LANES, sizeof labels);
-                for (int k = 0; k < LANES; k++) valid[k] = b * block + v * LANES + k < n;
-                const vec z = s.logit[v];
-                vec e;
-                loss += valid * bce(z, labels, &e);
-                const mask right = (z > 0) == (labels > (REAL)0.5);
-                correct += valid * (vec)((mask)(zero + 1) & right);
+        int64_t first = 0; /* the set's first block */
+        for (int64_t k = 0; k < sets; k++) {
+            double loss_total = 0, correct_total = 0;
+            for (int64_t b = 0; b < blocks[k]; b++) {
+                const int64_t at = first + b;
+                forward(&sh, theta + m * p, head + m * width, eps, (const vec *)(xt + at * in_dim * block), &s);
+                vec loss = {0}, correct = {0};
+                for (int64_t v = 0; v < nv; v++) {
+                    vec labels, valid = {0};
+                    memcpy(&labels, y + at * block + v * LANES, sizeof labels);
+                    for (int j = 0; j < LANES; j++) valid[j] = b * block + v * LANES + j < n[k];
+                    const vec z = s.logit[v];
+                    vec e;
+                    loss += valid * bce(z, labels, &e);
+                    const mask right = (z > 0) == (labels > (REAL)0.5);
+                    correct += valid * (vec)((mask)(zero + 1) & right);
+                }
+                for (int j = 0; j < LANES; j++) {
+                    loss_total += loss[j];
+                    correct_total += correct[j];
+                }
             }
-            for (int k = 0; k < LANES; k++) {
-                loss_total += loss[k];
-                correct_total += correct[k];
-            }
+            mean_loss[k * out_stride + m] = (REAL)(loss_total / (double)n[k]);
+            accuracy[k * out_stride + m] = (REAL)(correct_total / (double)n[k]);
+            first += blocks[k];
         }
-        mean_loss[m] = (REAL)(loss_total / (double)n);
-        accuracy[m] = (REAL)(correct_total / (double)n);
     }
     FAST_FLOATS_END
     scratch_free(&s);

@@ -7,6 +7,12 @@ may write it (else a private folder in the temp directory, with one warning); th
 sha256 is recorded at build time and checked before ctypes loads it, so a planted .so never runs. Without a working C compiler the grid engine falls back to its torch kernels (with a
 warning). The kernel splits the models of a chunk into ranges that torch's thread count of
 workers take in turn; ctypes releases the GIL, so the workers run in parallel.
+
+Contention: the hand-out is dynamic (eight ranges per worker, taken as workers free up) and
+idle workers block on the pool's queue instead of spinning, so a worker whose core is taken by
+another process just does fewer ranges; every core stays useful (threads.dynamic_threads).
+Evaluation forwards train and test in one pass per model (evaluate_sets), on sets laid out
+once per chunk (prepare), in 64-sample blocks whose activations stay in L1.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import subprocess
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,8 +38,8 @@ FLAGS = ["-O3", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu11"]
 # Tried in order: x86 compilers take -march=native, some arm64 ones (Apple clang) only -mcpu=native.
 # No arch-less fallback: built for a generic CPU the kernel is ~20x slower, below the torch kernels.
 ARCH_FLAGS = (["-march=native"], ["-mcpu=native"])
-LANES = 16  # samples per vector in the C code
-EVAL_VECTORS = 4  # sample vectors per evaluation pass (64 samples)
+LANES = 16  # model widths must be a multiple of this (the C code's vectors hold 16, 8 or 4 samples)
+EVAL_SAMPLES = 64  # samples per evaluation block: one block's activations stay in L1
 REALS = {torch.float32: "float", torch.float64: "double"}
 RULES = {"projected": 0, "riemannian": 1}
 _libraries: dict[torch.dtype, ctypes.CDLL | None] = {}
@@ -163,8 +170,10 @@ def library(dtype: torch.dtype) -> ctypes.CDLL | None:
             real = ctypes.c_float if dtype == torch.float32 else ctypes.c_double
             lib.lrf_train.argtypes = [i64, i64, i64, i64, i64, real, ptr, ptr, ptr, real, i64, ptr, ptr, ptr,
                                       i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
-            lib.lrf_evaluate.argtypes = [i64, i64, i64, i64, real, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ptr]
+            lib.lrf_evaluate.argtypes = [i64, i64, i64, i64, real, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr,
+                                         i64]
             lib.lrf_train.restype = lib.lrf_evaluate.restype = ctypes.c_int
+            lib.lrf_lanes.restype = i64
         _libraries[dtype] = lib
     return _libraries[dtype]
 
@@ -258,23 +267,56 @@ class NativeMLP:
 
         run_split(len(theta), call)
 
-    def evaluate(self, theta: torch.Tensor, head: torch.Tensor, x: torch.Tensor, y: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean loss [M] and accuracy [M] of every model on a shared labelled set x [N, D]."""
-        n, block = len(x), EVAL_VECTORS * LANES
-        blocks = (n + block - 1) // block
-        padded = torch.zeros(blocks * block, self.in_dim + 1, dtype=self.dtype)
-        padded[:n, :-1], padded[:n, -1] = x, y
-        xt = padded[:, :-1].reshape(blocks, block, self.in_dim).transpose(1, 2).contiguous()  # [b, D, samples]
-        labels = padded[:, -1].contiguous()
-        loss, accuracy = torch.empty(len(theta), dtype=self.dtype), torch.empty(len(theta), dtype=self.dtype)
+    def prepare(self, sets: list[tuple[torch.Tensor, torch.Tensor]]) -> "EvalSets":
+        """Labelled sets (x [N, D], y [N]) in the kernel's block layout, made once and reused at every log."""
+        lanes = int(self.lib.lrf_lanes())
+        xts, labels, blocks, sizes = [], [], [], []
+        for x, y in sets:
+            n = len(x)
+            count = (n + EVAL_SAMPLES - 1) // EVAL_SAMPLES
+            padded = torch.zeros(count * EVAL_SAMPLES, self.in_dim + 1, dtype=self.dtype)
+            padded[:n, :-1], padded[:n, -1] = x, y
+            xts.append(padded[:, :-1].reshape(count, EVAL_SAMPLES, self.in_dim).transpose(1, 2))  # [b, D, samples]
+            labels.append(padded[:, -1])
+            blocks.append(count)
+            sizes.append(n)
+        return EvalSets(torch.cat(xts).contiguous(), torch.cat(labels).contiguous(),
+                        torch.tensor(blocks, dtype=torch.int64), torch.tensor(sizes, dtype=torch.int64),
+                        EVAL_SAMPLES // lanes)
+
+    def evaluate_sets(self, theta: torch.Tensor, head: torch.Tensor, prepared: "EvalSets"
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean loss [K, M] and accuracy [K, M] of every model on each of K prepared sets, in one
+        pass per model (fused: its weights are read once for all sets)."""
+        sets, num_models = len(prepared.blocks), len(theta)
+        loss = torch.empty(sets, num_models, dtype=self.dtype)
+        accuracy = torch.empty(sets, num_models, dtype=self.dtype)
         head = head.reshape(len(head), -1).to(self.dtype).contiguous()
         self.check_inplace(theta)
 
         def call(lo: int, hi: int) -> int:
             return self.lib.lrf_evaluate(hi - lo, self.depth, self.in_dim, self.width, self.eps, at(theta, lo),
-                                         at(head, lo), EVAL_VECTORS, xt.data_ptr(), labels.data_ptr(), blocks, n,
-                                         at(loss, lo), at(accuracy, lo))
+                                         at(head, lo), prepared.vectors, prepared.xt.data_ptr(),
+                                         prepared.labels.data_ptr(), sets, prepared.blocks.data_ptr(),
+                                         prepared.sizes.data_ptr(), at(loss[0], lo), at(accuracy[0], lo),
+                                         num_models)
 
-        run_split(len(theta), call)
+        run_split(num_models, call)
         return loss, accuracy
+
+    def evaluate(self, theta: torch.Tensor, head: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean loss [M] and accuracy [M] of every model on a shared labelled set x [N, D]."""
+        loss, accuracy = self.evaluate_sets(theta, head, self.prepare([(x, y)]))
+        return loss[0], accuracy[0]
+
+
+@dataclass(frozen=True)
+class EvalSets:
+    """Evaluation sets in the C kernel's layout: blocks back to back, set after set."""
+
+    xt: torch.Tensor  # [blocks, D, EVAL_SAMPLES] feature-major samples, zero padded
+    labels: torch.Tensor  # [blocks * EVAL_SAMPLES]
+    blocks: torch.Tensor  # [K] int64: blocks of each set
+    sizes: torch.Tensor  # [K] int64: real samples of each set
+    vectors: int  # sample vectors per block (EVAL_SAMPLES / the kernel's lanes)

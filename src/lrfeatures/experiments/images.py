@@ -1,15 +1,25 @@
 """The images recipe (SPEC §4, §6): pretrain a PLR grid -> fine-tune -> SWA -> analyze.
 
-Shards per (data seed, training seed, PLR), each a unit of work in the store:
-    pretrain   train from the seed's initial point at the PLR; final state, last checkpoints
-               and the SWA averages of the last K epoch checkpoints (accumulated online)
-    finetune   every FLR from the pretrained final state
+Shards per (data seed, chunk of training seeds), each a unit of work in the store holding every
+PLR of its seeds (`engine.train_seeds_per_shard`, 0 = all seeds of a data seed in one shard):
+    pretrain   train every PLR from its seed's initial point (after any `pretrain.stages`); final
+               states, last checkpoints and the SWA averages of the last K epoch checkpoints
+    finetune   every FLR from every PLR's pretrained final state
     swa        each SWA average, rescaled to rho, BN recomputed on the training set, evaluated
     analyze    every registered image measurement (geometry: angles and error barriers of
                FT-low, FT-high and SWA, BN recomputed at every interpolation point); needs
                finetune and swa
 All PLRs of a training seed share the initial point and the batch order (as in the synthetic
-recipe), so the LR is the only difference between them. Pretrain rows of evaluations also carry
+recipe), so the LR is the only difference between them. With engine.name = "fused" (the
+default on CUDA via "auto") the models of a stage train as one program (engine/fused.py), in
+chunks that fit engine.memory_budget_gb; "single" (what "auto" picks on a CPU, where it measured
+faster: small convolutions are compute-bound there, and oneDNN's grouped convolution is slower
+than one convolution per model) trains them one at a time (engine/images.py). Both give the
+same numbers. Two-stage pre-training: each `pretrain.stages` entry trains every model at its
+own ELR (`lr`, or `lr_scale` x the grid PLR) for its epochs on batch stream "pretrain-stage{i}",
+then the last stage runs at the grid PLR; logs join on one epoch axis, SWA and fine-tuning
+follow the last stage, and each earlier stage's end state is kept for `ImageAnalysis.stage_models`.
+Pretrain rows of evaluations also carry
 `epochs_to_convergence`. How shards run, commit and resume is the runtime's (runtime.py).
 
 Practical setting (SPEC §4): models with trainable parameters outside an SI group train split.
@@ -32,8 +42,8 @@ the sphere: for a model without SI group summary.json says regime = null and
 from __future__ import annotations
 
 import math
+import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,7 +51,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..analysis import image_geometry  # noqa: F401  (registers the image measurements)
+from ..analysis import band_features, filter_norms, image_curvature, image_geometry  # noqa: F401  (registers them)
 from ..analysis.bands import update_summary
 from ..analysis.summary import write_summary
 from ..config import ImageConfig, preset_names, read_toml
@@ -49,29 +59,19 @@ from ..data.augment import AugmentPipeline
 from ..data.images import first_per_class, load_image_dataset
 from ..data.randaugment import MAX_MAGNITUDE
 from ..data.registry import dataset_entry
-from ..engine.images import (DeviceImages, ImageTask, ImageTrainResult, evaluate, load_si_, load_tracked_,
-                            recompute_bn, train_image_model)
-from ..errors import ConfigError
-from ..models.registry import build_model, resolve_options, si_parameters
+from ..engine.fused import (StackedModels, evaluate_stack, fusable, model_bytes, plan_chunks, recompute_bn_stack,
+                            train_image_models, warn_fallback)
+from ..engine.images import (CONVERGED_LOSS, DeviceImages, ImageTask, ImageTrainResult, evaluate, load_si_,
+                            load_tracked_, recompute_bn, train_image_model)
+from ..errors import ConfigError, StoreError
+from ..models.registry import build_model, model_entry, resolve_options, si_parameters
 from ..seeding import derive_seed
 from ..sphere import flatten
 from ..store import ExperimentStore, ShardWriter, write_json
+from .image_analysis import ImageAnalysis, ModelRef, key_row, model_refs, unprefixed
+from .synthetic import SeedChunk, seed_chunks
 from .runtime import (Recipe, Shard, Stage, check_model_input, load_experiment_config, register_kind,
                       resolve_device, run_measurements)
-
-
-@dataclass(frozen=True)
-class ImageUnit:
-    """The unit of the images recipe: one model, i.e. a (data seed, training seed, PLR)."""
-
-    data_seed: int
-    train_seed: int
-    plr_index: int
-
-    @property
-    def label(self) -> str:
-        """This unit's part of a shard name."""
-        return f"d{self.data_seed}-s{self.train_seed}-plr{self.plr_index:03d}"
 
 
 def image_config(preset: str, overrides: list[str] | tuple[str, ...] = (), dataset: str | None = None,
@@ -114,12 +114,6 @@ def image_config(preset: str, overrides: list[str] | tuple[str, ...] = (), datas
     return load_experiment_config(data, list(overrides), kind="images")
 
 
-def key_row(stage: str, shard: Shard, plr: float, flr: float = math.nan, swa_k: int = 0) -> dict[str, Any]:
-    """Key columns of one model."""
-    return {"stage": stage, "data_seed": shard.data_seed, "train_seed": shard.train_seed, "plr": plr,
-            "flr": flr, "swa_k": swa_k}
-
-
 def training_tables(keys: dict[str, Any], result: ImageTrainResult) -> tuple[pd.DataFrame, pd.DataFrame]:
     """metrics rows (one per logged epoch) and the evaluations row of one trained model."""
     metrics = pd.DataFrame({**{k: [v] * len(result.metrics["step"]) for k, v in keys.items()}, **result.metrics})
@@ -133,48 +127,25 @@ def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
     return {f"{prefix}{k}": v for k, v in tensors.items()}
 
 
-def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors whose names start with `prefix`, with it removed."""
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+def joined_stages(results: list[ImageTrainResult]) -> ImageTrainResult:
+    """One pre-training result from consecutive stages: logs on one epoch axis, the last stage's weights.
 
-
-@dataclass
-class ImageAnalysis:
-    """What an image measurement gets: the config, the shard, its data and the runner that rebuilds models."""
-
-    cfg: ImageConfig
-    shard: Shard
-    data: DeviceImages
-    runner: "ImageRunner"
-    options: Any = None     # a measurement's own settings (the bands' BandsConfig)
-    kind: str = "images"
-
-    def models(self) -> tuple[list[dict[str, Any]], list[nn.Module]]:
-        """Key rows (with each model's `diverged` flag) and eval-mode models: PT, FT per FLR, SWA per K.
-
-        Rebuilt as the experiment evaluates them: the stored final state (BN buffers included) for
-        PT and FT; for SWA the stored average at norm rho with BN recomputed on the training set.
-        """
-        cfg, shard, runner = self.cfg, self.shard, self.runner
-        plr = cfg.pretrain.lrs[shard.plr_index]
-        keys = [key_row("pretrain", shard, plr)]
-        models = [runner.trained_model(shard, "pretrain")[0]]
-        if cfg.finetune.lrs:
-            for j, flr in enumerate(cfg.finetune.lrs):
-                keys.append(key_row("finetune", shard, plr, flr))
-                models.append(runner.trained_model(shard, "finetune", j)[0])
-        pretrained = runner.weights(shard, "pretrain")
-        for k in cfg.swa.ks:
-            keys.append(key_row("swa", shard, plr, swa_k=k))
-            models.append(runner.swa_model(shard, k, pretrained))
-        stages = ["pretrain", "swa"] + (["finetune"] if cfg.finetune.lrs else [])
-        flags = pd.concat([runner.store.shard_table(shard.upstream(s).name, "evaluations") for s in stages],
-                          ignore_index=True)
-        for row in keys:
-            match = flags[(flags["stage"] == row["stage"]) & (flags["swa_k"] == row["swa_k"])
-                          & (flags["flr"].isna() if math.isnan(row["flr"]) else flags["flr"] == row["flr"])]
-            row["diverged"] = bool(match["diverged"].any())
-        return keys, [model.eval() for model in models]
+    Epochs (logs and checkpoints) count from the start of the first stage.
+    """
+    if len(results) == 1:
+        return results[0]
+    last, metrics, offset = results[-1], {name: [] for name in results[-1].metrics}, 0
+    for result in results:
+        for name, values in result.metrics.items():
+            metrics[name] += [v + offset for v in values] if name == "step" else list(values)
+        if result is not last:
+            offset += result.metrics["step"][-1]
+    converged = [e for e, loss in zip(metrics["step"], metrics["train_loss"]) if loss < CONVERGED_LOSS]
+    return ImageTrainResult(state=last.state, checkpoints=last.checkpoints,
+                            checkpoint_buffers=last.checkpoint_buffers,
+                            checkpoint_epochs=[e + offset for e in last.checkpoint_epochs], swa=last.swa,
+                            metrics=metrics, final=last.final, diverged=any(r.diverged for r in results),
+                            epochs_to_convergence=float(converged[0]) if converged else math.nan)
 
 
 class ImageRunner:
@@ -183,16 +154,22 @@ class ImageRunner:
     def __init__(self, cfg: ImageConfig, store: ExperimentStore,
                  progress: Callable[[int], None] | None = None):
         self.cfg, self.store = cfg, store
+        check_layout(store)
         self.device = resolve_device(cfg.engine.device)
         on_cuda = self.device.type == "cuda"
-        for flag in ("bf16", "channels_last"):
-            if getattr(cfg.engine, flag) and not on_cuda:
-                warnings.warn(f"engine.{flag} only applies on CUDA; ignored on {self.device}", stacklevel=2)
-        self.bf16, self.channels_last = cfg.engine.bf16 and on_cuda, cfg.engine.channels_last and on_cuda
+        if cfg.engine.channels_last and not on_cuda:
+            warnings.warn(f"engine.channels_last only applies on CUDA; ignored on {self.device}", stacklevel=2)
+        self.precision = cfg.engine.precision
+        self.bf16, self.channels_last = self.precision == "bf16", cfg.engine.channels_last and on_cuda
+        if self.bf16 and not on_cuda and not cpu_has_bf16():
+            warnings.warn("engine.precision='bf16' on a CPU without bf16 matrix units (no amx_bf16 or "
+                          "avx512_bf16 in /proc/cpuinfo): bf16 is emulated and far slower than fp32 here",
+                          stacklevel=2)
         self.augment = AugmentPipeline.from_config(cfg.data)
         self.progress = progress or (lambda n: None)
         self._data: dict[int, DeviceImages] = {}
         self._info: dict[str, Any] | None = None
+        self._warned = False
 
     # ----- data and models -------------------------------------------------------------
     def data(self, data_seed: int) -> DeviceImages:
@@ -237,26 +214,62 @@ class ImageRunner:
             model = model.to(memory_format=torch.channels_last)
         return model, rho
 
-    def train(self, model: nn.Module, data: DeviceImages, task: ImageTask) -> ImageTrainResult:
-        """Run one training task with the engine settings."""
-        ckpt_bytes = 4 * task.keep_checkpoints * sum(p.numel() for p in model.parameters())
-        on_device = ckpt_bytes <= self.cfg.engine.memory_budget_gb * 2**30
-        return train_image_model(model, data, task, self.augment, self.bf16, self.channels_last,
-                                 None if on_device else "cpu", self.progress)
+    def fused_reason(self, model: nn.Module) -> str:
+        """'' when this experiment's models train fused, else why not."""
+        name = self.cfg.engine.name
+        if name == "single" or (name == "auto" and self.device.type != "cuda"):
+            return f"engine.name={name!r} on {self.device.type}"
+        if "fused" not in model_entry(self.cfg.model.name).engines:
+            return f"model {self.cfg.model.name} does not list the fused engine in its registry entry"
+        return fusable(model)
 
-    def evaluate_all(self, model: nn.Module, data: DeviceImages) -> dict[str, float]:
-        """Eval-mode loss and accuracy on train, test (and val)."""
-        out = {}
+    def train_all(self, models: list[nn.Module], data: DeviceImages, tasks: list[ImageTask]) -> list[ImageTrainResult]:
+        """Train every (model, task): fused in chunks that fit the memory budget, or one at a time."""
+        reason = self.fused_reason(models[0])
+        if not reason:
+            return train_image_models(models, data, tasks, self.augment, self.precision,
+                                      self.cfg.engine.memory_budget_gb, self.progress)
+        if self.cfg.engine.name == "fused" and not self._warned:
+            warn_fallback(reason)
+            self._warned = True
+        results = []
+        for model, task in zip(models, tasks):
+            ckpt_bytes = 4 * task.keep_checkpoints * sum(p.numel() for p in model.parameters())
+            on_device = ckpt_bytes <= self.cfg.engine.memory_budget_gb * 2**30
+            results.append(train_image_model(model, data, task, self.augment, self.bf16, self.channels_last,
+                                             None if on_device else "cpu", lambda n: self.progress(n)))
+        return results
+
+    def stacks(self, models: list[nn.Module], data: DeviceImages) -> list[tuple[range, StackedModels]] | None:
+        """The models as stacks that fit the memory budget (None: they do not fuse)."""
+        if not models or self.fused_reason(models[0]):
+            return None
+        task = ImageTask(0.0, 1, self.cfg.pretrain.batch_size, 0.0, ())
+        chunks = plan_chunks(len(models), model_bytes(models[0], data, task), self.cfg.engine.memory_budget_gb)
+        return [(chunk, StackedModels([models[i] for i in chunk])) for chunk in chunks]
+
+    def evaluate_all(self, models: list[nn.Module], data: DeviceImages) -> list[dict[str, float]]:
+        """Per model, eval-mode loss and accuracy on train, test (and val); fused when the models allow it."""
+        out: list[dict[str, float]] = [dict() for _ in models]
+        stacks = self.stacks(models, data)
         for split, (x, y) in {"train": (data.train_x, data.train_y), **data.eval_splits()}.items():
-            loss, acc = evaluate(model, x, y, data.normalization, self.cfg.engine.eval_batch_size,
-                                 self.bf16, self.channels_last)
-            out[f"{split}_loss"], out[f"{split}_acc"] = float(loss), float(acc)
+            if stacks is not None:
+                pairs = []
+                for _, stack in stacks:
+                    losses, accs = evaluate_stack(stack, x, y, data.normalization, self.cfg.engine.eval_batch_size,
+                                                  self.precision)
+                    pairs += list(zip(losses.tolist(), accs.tolist()))
+            else:
+                pairs = [evaluate(m, x, y, data.normalization, self.cfg.engine.eval_batch_size, self.bf16,
+                                  self.channels_last) for m in models]
+            for row, (loss, acc) in zip(out, pairs):
+                row[f"{split}_loss"], row[f"{split}_acc"] = float(loss), float(acc)
         return out
 
-    def task(self, lr: float, epochs: int, rho: float, stage: str, shard: Shard, log_every: int,
+    def task(self, lr: float, epochs: int, rho: float, stage: str, ref: ModelRef, log_every: int,
              ckpt_every: int, keep: int, swa_ks: tuple[int, ...]) -> ImageTask:
         """A training task at grid LR `lr`: the SI group's ELR, and the optimizer of the other parameters."""
-        cfg, d, s = self.cfg, shard.data_seed, shard.train_seed
+        cfg, d, s = self.cfg, ref.data_seed, ref.train_seed
         return ImageTask(lr, epochs, cfg.pretrain.batch_size, rho, ("order", stage, d, s), ("augment", stage, d, s),
                          cfg.sphere.step, log_every, ckpt_every, keep, swa_ks, cfg.engine.eval_batch_size,
                          optimizer=cfg.optimizer.at(lr), schedule=cfg.schedule)
@@ -270,77 +283,156 @@ class ImageRunner:
         """The tensors a finished upstream shard stored."""
         return self.store.shard_tensors(shard.upstream(stage).name, "weights")
 
-    def trained_model(self, shard: Shard, stage: str, flr_index: int = 0) -> tuple[nn.Module, float]:
+    def shard_of(self, ref: ModelRef) -> Shard:
+        """The pretrain shard that holds a model."""
+        size = self.cfg.engine.train_seeds_per_shard or len(self.cfg.seeds.train)
+        seeds = self.cfg.seeds.train
+        i = seeds.index(ref.train_seed) // size * size
+        return Shard("pretrain", SeedChunk(ref.data_seed, tuple(seeds[i:i + size])))
+
+    def trained_model(self, ref: ModelRef, stage: str, flr_index: int = 0,
+                      shard: Shard | None = None) -> tuple[nn.Module, float]:
         """A stored pretrain (or finetune at FLR index j) final state in a fresh network, and its rho."""
-        model, rho = self.make_model(shard.data_seed, shard.train_seed)
-        prefix = "final." if stage == "pretrain" else f"flr{flr_index}."
-        model.load_state_dict(unprefixed(prefix, self.weights(shard, stage)))
+        model, rho = self.make_model(ref.data_seed, ref.train_seed)
+        prefix = f"{ref.tag}.final." if stage == "pretrain" else f"{ref.tag}.flr{flr_index}."
+        model.load_state_dict(unprefixed(prefix, self.weights(shard or self.shard_of(ref), stage)))
         return model, rho
 
     # ----- stages ----------------------------------------------------------------------
     def run_pretrain(self, shard: Shard, writer: ShardWriter) -> None:
-        """Train one PLR from the seed's initial point; keep the final state, checkpoints and SWA means."""
-        cfg, d, s = self.cfg, shard.data_seed, shard.train_seed
-        plr = cfg.pretrain.lrs[shard.plr_index]
-        model, rho = self.make_model(d, s)
-        task = self.task(plr, cfg.pretrain.epochs, rho, "pretrain", shard, cfg.pretrain.log_every_epochs,
-                         cfg.pretrain.ckpt_every_epochs, cfg.checkpoints_kept, tuple(cfg.swa.ks))
-        result = self.train(model, self.data(d), task)
-        metrics, evaluation = training_tables(key_row("pretrain", shard, plr), result)
-        evaluation["epochs_to_convergence"] = result.epochs_to_convergence
-        writer.table("metrics", metrics)
-        writer.table("evaluations", evaluation)
-        writer.tensors("weights", {**prefixed("final.", result.state), "checkpoints": result.checkpoints,
-                                   "checkpoint_buffers": result.checkpoint_buffers,
-                                   "checkpoint_epochs": torch.tensor(result.checkpoint_epochs, dtype=torch.int64),
-                                   "rho": torch.tensor(rho, dtype=torch.float64),
-                                   **{f"swa.k{k}": v for k, v in result.swa.items()}})
-
-    def run_finetune(self, shard: Shard, writer: ShardWriter) -> None:
-        """Fine-tune the PLR's final state at every FLR (one shared batch order per seed)."""
-        cfg, d, s = self.cfg, shard.data_seed, shard.train_seed
-        plr = cfg.pretrain.lrs[shard.plr_index]
-        pretrained = unprefixed("final.", self.weights(shard, "pretrain"))
-        metrics, evaluations, tensors = [], [], {}
-        for j, flr in enumerate(cfg.finetune.lrs):
-            model, rho = self.make_model(d, s)
-            model.load_state_dict(pretrained)
-            task = self.task(flr, cfg.finetune.epochs, rho, "finetune", shard, cfg.finetune.log_every_epochs,
-                             cfg.finetune.epochs, 0, ())
-            result = self.train(model, self.data(d), task)
-            m, e = training_tables(key_row("finetune", shard, plr, flr), result)
+        """Train every PLR of the shard's seeds from each seed's initial point (after any earlier stages)."""
+        cfg, refs = self.cfg, model_refs(self.cfg, shard)
+        data = self.data(shard.data_seed)
+        built = [self.make_model(r.data_seed, r.train_seed) for r in refs]
+        models, rhos = [m for m, _ in built], [rho for _, rho in built]
+        stage_results, stage_states = [[] for _ in refs], {}
+        for i, stage in enumerate(cfg.pretrain.stages):
+            lrs = [stage.lr or stage.lr_scale * cfg.pretrain.lrs[r.plr_index] for r in refs]
+            tasks = [self.task(lr, stage.epochs, rho, f"pretrain-stage{i}", r, cfg.pretrain.log_every_epochs,
+                               stage.epochs, 0, ()) for lr, rho, r in zip(lrs, rhos, refs)]
+            for j, (model, result) in enumerate(zip(models, self.train_all(models, data, tasks))):
+                model.load_state_dict(result.state)  # the next stage starts where this one ended
+                stage_results[j].append(result)
+                stage_states.update(prefixed(f"{refs[j].tag}.stage{i}.", result.state))
+        tasks = [self.task(cfg.pretrain.lrs[r.plr_index], cfg.pretrain.epochs, rho, "pretrain", r,
+                           cfg.pretrain.log_every_epochs, cfg.pretrain.ckpt_every_epochs, cfg.checkpoints_kept,
+                           tuple(cfg.swa.ks)) for r, rho in zip(refs, rhos)]
+        metrics, evaluations, tensors = [], [], dict(stage_states)
+        for ref, rho, earlier, result in zip(refs, rhos, stage_results, self.train_all(models, data, tasks)):
+            result = joined_stages(earlier + [result])
+            m, e = training_tables(key_row("pretrain", ref, cfg.pretrain.lrs[ref.plr_index]), result)
+            e["epochs_to_convergence"] = result.epochs_to_convergence
             metrics.append(m)
             evaluations.append(e)
-            tensors.update(prefixed(f"flr{j}.", result.state))
+            tensors.update(prefixed(f"{ref.tag}.", {
+                **prefixed("final.", result.state), "checkpoints": result.checkpoints,
+                "checkpoint_buffers": result.checkpoint_buffers,
+                "checkpoint_epochs": torch.tensor(result.checkpoint_epochs, dtype=torch.int64),
+                "rho": torch.tensor(rho, dtype=torch.float64), **{f"swa.k{k}": v for k, v in result.swa.items()}}))
         writer.table("metrics", pd.concat(metrics, ignore_index=True))
         writer.table("evaluations", pd.concat(evaluations, ignore_index=True))
         writer.tensors("weights", tensors)
 
-    def swa_model(self, shard: Shard, k: int, pretrained: dict[str, torch.Tensor]) -> nn.Module:
+    def run_finetune(self, shard: Shard, writer: ShardWriter) -> None:
+        """Fine-tune every PLR's final state at every FLR (one shared batch order per seed)."""
+        cfg, refs = self.cfg, model_refs(self.cfg, shard)
+        pretrained = self.weights(shard, "pretrain")
+        jobs, models, tasks = [], [], []
+        for ref in refs:
+            for j, flr in enumerate(cfg.finetune.lrs):
+                model, rho = self.make_model(ref.data_seed, ref.train_seed)
+                model.load_state_dict(unprefixed(f"{ref.tag}.final.", pretrained))
+                jobs.append((ref, j, flr))
+                models.append(model)
+                tasks.append(self.task(flr, cfg.finetune.epochs, rho, "finetune", ref, cfg.finetune.log_every_epochs,
+                                       cfg.finetune.epochs, 0, ()))
+        metrics, evaluations, tensors = [], [], {}
+        for (ref, j, flr), result in zip(jobs, self.train_all(models, self.data(shard.data_seed), tasks)):
+            m, e = training_tables(key_row("finetune", ref, cfg.pretrain.lrs[ref.plr_index], flr), result)
+            metrics.append(m)
+            evaluations.append(e)
+            tensors.update(prefixed(f"{ref.tag}.flr{j}.", result.state))
+        writer.table("metrics", pd.concat(metrics, ignore_index=True))
+        writer.table("evaluations", pd.concat(evaluations, ignore_index=True))
+        writer.tensors("weights", tensors)
+
+    def swa_model(self, ref: ModelRef, k: int, pretrained: dict[str, torch.Tensor],
+                  recompute: bool = True) -> nn.Module:
         """The average of the last K checkpoints (SI part at norm rho), BN recomputed on the training set."""
-        model, rho = self.make_model(shard.data_seed, shard.train_seed)
-        model.load_state_dict(unprefixed("final.", pretrained))
-        load_tracked_(model, pretrained[f"swa.k{k}"], rho)
-        data = self.data(shard.data_seed)
+        model, rho = self.make_model(ref.data_seed, ref.train_seed)
+        model.load_state_dict(unprefixed(f"{ref.tag}.final.", pretrained))
+        load_tracked_(model, pretrained[f"{ref.tag}.swa.k{k}"], rho)
+        if not recompute:
+            return model
+        data = self.data(ref.data_seed)
         return self.recompute_bn(model, data.train_x, data)
 
     def run_swa(self, shard: Shard, writer: ShardWriter) -> None:
-        """Evaluate every SWA average (BN recomputed; train and test in eval mode)."""
-        cfg = self.cfg
-        plr = cfg.pretrain.lrs[shard.plr_index]
+        """Evaluate every SWA average (BN recomputed per model; train and test in eval mode), fused when possible."""
+        cfg, refs = self.cfg, model_refs(self.cfg, shard)
         pretrained = self.weights(shard, "pretrain")
-        pre_diverged = bool(self.store.shard_table(shard.upstream("pretrain").name, "evaluations")["diverged"].iloc[0])
+        flags = self.store.shard_table(shard.upstream("pretrain").name, "evaluations")
+        data = self.data(shard.data_seed)
+        jobs = [(ref, k) for ref in refs for k in cfg.swa.ks]
+        models = [self.swa_model(ref, k, pretrained, recompute=False) for ref, k in jobs]
+        stacks = self.stacks(models, data)
+        for chunk, stack in stacks or []:
+            recompute_bn_stack(stack, data.train_x, cfg.pretrain.batch_size, data.normalization, self.precision)
+            for j, i in enumerate(chunk):
+                models[i] = stack.load_into(j, models[i]).eval()
+        if stacks is None:
+            models = [self.recompute_bn(model, data.train_x, data) for model in models]
         rows = []
-        for k in cfg.swa.ks:
-            model = self.swa_model(shard, k, pretrained)
-            finite = bool(torch.isfinite(pretrained[f"swa.k{k}"]).all())
-            rows.append({**key_row("swa", shard, plr, swa_k=k), **self.evaluate_all(model, self.data(shard.data_seed)),
-                         "diverged": pre_diverged or not finite})
+        for (ref, k), scores in zip(jobs, self.evaluate_all(models, data)):
+            diverged = bool(flags[(flags["train_seed"] == ref.train_seed)
+                                  & (flags["plr"] == cfg.pretrain.lrs[ref.plr_index])]["diverged"].any())
+            finite = bool(torch.isfinite(pretrained[f"{ref.tag}.swa.k{k}"]).all())
+            rows.append({**key_row("swa", ref, cfg.pretrain.lrs[ref.plr_index], swa_k=k), **scores,
+                         "diverged": diverged or not finite})
         writer.table("evaluations", pd.DataFrame(rows))
 
     def run_analyze(self, shard: Shard, writer: ShardWriter) -> None:
         """Every registered image measurement of the shard's models (geometry, ...)."""
         run_measurements(ImageAnalysis(self.cfg, shard, self.data(shard.data_seed), self), writer)
+
+
+def check_curvature_fits(cfg: ImageConfig) -> None:
+    """curvature.top_k must fit the model's (tangent) dimension: checked on a model built on the meta device."""
+    from ..analysis.image_curvature import check_image_curvature_model
+
+    shape, classes = dataset_shape(cfg)
+    with torch.device("meta"):
+        model = build_model(cfg.model, shape, classes, 0)
+    check_image_curvature_model(model, cfg.curvature.top_k, model_entry(cfg.model.name).has_si_group)
+
+
+def dataset_shape(cfg: ImageConfig) -> tuple[tuple[int, ...], int]:
+    """(input shape, classes) of the configured data set, from the registry's metadata or by loading it."""
+    d = cfg.data
+    dataset = load_image_dataset(d.dataset, d.root or None, 1, seed=cfg.seeds.data[0], classes=d.classes or None,
+                                 sha256=d.sha256 or None, test_fraction=d.test_fraction)
+    return tuple(dataset.input_shape), dataset.num_classes
+
+
+OLD_LAYOUT = re.compile(r"^(pretrain|finetune|swa|analyze)-d\d+-s\d+-plr\d{3}$")
+
+
+def check_layout(store: ExperimentStore) -> None:
+    """Refuse a store written one model per shard (lrfeatures < 0.3): its shards cannot be resumed here."""
+    old = [p.name for p in store.shards_dir.glob("*") if OLD_LAYOUT.match(p.name)] if store.shards_dir.is_dir() else []
+    if old:
+        raise StoreError(f"{store.root} holds one image model per shard ({old[0]}, ...), written by lrfeatures < 0.3; "
+                         "this release keeps every PLR of a seed in one shard, so it cannot resume it: run the "
+                         "experiment into a new --out (`lrfeatures report` still reads this one)")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AMX or AVX-512 BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 class ImageRecipe(Recipe):
@@ -357,17 +449,17 @@ class ImageRecipe(Recipe):
         """No FLRs: no fine-tuning and no geometry."""
         return [s.name for s in self.stages if cfg.finetune.lrs or s.name not in ("finetune", "analyze")]
 
-    def units(self, cfg: ImageConfig) -> list[ImageUnit]:
-        """One unit per model, PLR by PLR."""
-        return [ImageUnit(d, s, i) for d in cfg.seeds.data for s in cfg.seeds.train
-                for i in range(len(cfg.pretrain.lrs))]
+    def units(self, cfg: ImageConfig) -> list[SeedChunk]:
+        """One unit per data seed and chunk of training seeds (every PLR of them in one shard)."""
+        return [SeedChunk(d, chunk) for d in cfg.seeds.data for chunk in seed_chunks(cfg)]
 
     def cost(self, cfg: ImageConfig, shard: Shard) -> int:
         """Model-epochs a shard trains."""
+        models = len(shard.train_seeds) * len(cfg.pretrain.lrs)
         if shard.stage == "pretrain":
-            return cfg.pretrain.epochs
+            return models * (cfg.pretrain.epochs + sum(s.epochs for s in cfg.pretrain.stages))
         if shard.stage == "finetune":
-            return len(cfg.finetune.lrs) * cfg.finetune.epochs
+            return models * len(cfg.finetune.lrs) * cfg.finetune.epochs
         return 0
 
     def check(self, cfg: ImageConfig) -> None:
@@ -381,6 +473,8 @@ class ImageRecipe(Recipe):
             cfg.model.options = resolve_options(cfg.model.name, cfg.model.options)
         except ConfigError as err:
             raise ConfigError(f"model.options: {err}") from None
+        if cfg.curvature.enabled:
+            check_curvature_fits(cfg)
         d = cfg.data
         if d.randaugment and (len(d.randaugment) != 2 or d.randaugment[0] < 0
                               or not 0 <= d.randaugment[1] <= MAX_MAGNITUDE):

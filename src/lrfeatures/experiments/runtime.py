@@ -10,6 +10,8 @@ here, once for every kind:
                 private directory; commit or abort. Shards held by another worker are come back to.
     resume      a finished shard is never recomputed, so re-running an experiment resumes it
     finalize    merge each table over the shards, write summary.json (the report reads the store)
+    tracking    loggers (TensorBoard, MLflow, W&B) fed each shard's tables as it commits, off the
+                shard loop's thread (`tracking_session`); `export_experiment` does it for a finished store
 
 `KINDS` is the single table of experiment kinds that the CLI, the store's users and the Ray
 executor read. Register a new kind with `register_kind(MyRecipe())`.
@@ -30,12 +32,15 @@ import torch
 from ..analysis.measurements import measurements_for
 from ..analysis.summary import write_summary
 from ..config import dump_toml, load_config
-from ..errors import ConfigError
+from ..errors import ConfigError, LrfError
 from ..models.registry import model_entry, model_names
 from ..store import HOST, ExperimentStore, ShardWriter, lease_ttl
+from ..tracking import Tracker, check_loggers
 
 Progress = Callable[[int], None]
 SLOW_ENV = "LRFEATURES_SLOW_SHARD"
+# Called with (store, shard name) after every commit in this process; the tracking session's wake-up.
+COMMIT_LISTENERS: list[Callable[[ExperimentStore, str], None]] = []
 
 
 @dataclass(frozen=True)
@@ -265,6 +270,8 @@ def compute_into_store(store: ExperimentStore, shard: Shard, compute: Callable, 
     except BaseException:
         writer.abort()
         raise
+    for listener in list(COMMIT_LISTENERS):
+        listener(store, shard.name)
 
 
 def shard_problem(store: ExperimentStore, shard: Shard, needs: list[Shard] = ()) -> str | None:
@@ -306,14 +313,48 @@ def run_measurements(ctx: Any, writer: ShardWriter) -> None:
 
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
-    """torch's CPU thread count set to n (0: unchanged) for the block, then restored."""
+    """torch's CPU thread count set to n (0: the cores actually available, see threads.py) for
+    the block, then restored. The C kernel's workers follow this count too."""
+    from .. import threads  # here, not at the top: this edit is confined to this function
+
     before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
+    wanted = n or min(before, threads.available_cores())  # a cgroup CPU quota caps torch's default
+    if wanted != before:
+        torch.set_num_threads(wanted)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextmanager
+def tracking_session(cfg: Any, root: str | Path, loggers: list[str] | tuple[str, ...] = (),
+                     per_model: bool = False) -> Iterator[Tracker]:
+    """Loggers fed every shard as it commits, for the block; at its end (no error), the last
+    shards, summary.json and report.html (so write the report inside the block). No loggers: a no-op."""
+    check_loggers(loggers)
+    tracker = Tracker(root, cfg, list(loggers), per_model)
+    COMMIT_LISTENERS.append(tracker.wake)
+    complete = False
+    try:
+        yield tracker
+        complete = True
+    finally:
+        COMMIT_LISTENERS.remove(tracker.wake)
+        tracker.close(complete)
+
+
+def export_experiment(root: str | Path, loggers: list[str] | tuple[str, ...], per_model: bool = False) -> None:
+    """Log a store's committed shards, summary.json and report.html to the loggers (`lrfeatures export`)."""
+    check_loggers(loggers)
+    cfg = ExperimentStore(root).config()
+    # Every committed shard, also of stores whose plan changed since (their shards are still the experiment's).
+    tracker = Tracker(root, cfg, list(loggers), per_model, poll=3600)
+    failed = tracker.close(complete=True, warn=False)
+    if failed:
+        name, problem = next(iter(failed.items()))
+        raise LrfError(f"export of {root} to {name} failed ({problem}); the store is unchanged, fix the cause "
+                       "and run the export again")
 
 
 class Experiment:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import pandas as pd
@@ -115,6 +115,7 @@ class SyntheticAnalysis:
     evaluate: Callable
     kind: str = "synthetic"
     make_model: Callable[..., nn.Module] | None = None  # the network template (curvature rebuilds it)
+    stage_solutions: list = field(default_factory=list)  # (keys with pretrain_stage, weights, frozen) per earlier stage
 
 
 class SyntheticRunner:
@@ -211,7 +212,8 @@ class SyntheticRunner:
                                [s.iterations for s in cfg.pretrain.stages] + [cfg.pretrain.iterations])
         write_training(writer, model_keys("pretrain", shard, plrs), result)
         writer.tensors("weights", {"final": result.final, "checkpoints": result.checkpoints,
-                                   "checkpoint_steps": torch.tensor(result.checkpoint_steps)})
+                                   "checkpoint_steps": torch.tensor(result.checkpoint_steps),
+                                   **{f"stage{i}": r.final for i, r in enumerate(earlier)}})
 
     def run_finetune(self, shard: Shard, writer: ShardWriter) -> None:
         """Fine-tune each PLR's final weights over every FLR (one batch stream per seed)."""
@@ -255,8 +257,12 @@ class SyntheticRunner:
 
     def run_analyze(self, shard: Shard, writer: ShardWriter) -> None:
         """Every registered synthetic measurement of the shard's final models."""
-        run_measurements(SyntheticAnalysis(self.cfg, shard, self.data(shard.data_seed), self.solutions(shard),
-                                           self.evaluate, make_model=self.make_model), writer)
+        cfg, plrs = self.cfg, self.cfg.pretrain.lrs
+        stored = self.pretrained(shard)
+        stages = [(model_keys("pretrain", shard, plrs).assign(pretrain_stage=i), stored[f"stage{i}"],
+                   self.frozen_of(shard, len(plrs))) for i in range(len(cfg.pretrain.stages)) if f"stage{i}" in stored]
+        run_measurements(SyntheticAnalysis(cfg, shard, self.data(shard.data_seed), self.solutions(shard),
+                                           self.evaluate, make_model=self.make_model, stage_solutions=stages), writer)
 
 
 class SyntheticRecipe(Recipe):

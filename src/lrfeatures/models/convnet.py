@@ -57,7 +57,7 @@ class SIConvNet(nn.Module):
         return self.head(self.features(x))
 
 
-@register_model("convnet-si", input_kind="image", si_group="all", engines=("images",))
+@register_model("convnet-si", input_kind="image", si_group="all", engines=("fused", "images"))
 def build_convnet_si(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> SIConvNet:
     """SI ConvNet for square images of shape (C, H, H); width c = cfg.width, blocks = cfg.depth."""
     if input_shape[1] != input_shape[2]:  # build_model has checked the shape is (C, H, W)

@@ -96,14 +96,14 @@ class PreActResNet18(nn.Module):
         return self.head(out.mean(dim=(2, 3)))
 
 
-@register_model("resnet18-si", input_kind="image", si_group="all", engines=("images",))
+@register_model("resnet18-si", input_kind="image", si_group="all", engines=("fused", "images"))
 def build_resnet18_si(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> PreActResNet18:
     """SI pre-activation ResNet-18 of width cfg.width (SPEC: 32)."""
     return PreActResNet18(input_shape[0], cfg.width, num_outputs, si=True,
                           last_layer_norm=cfg.last_layer_norm)
 
 
-@register_model("resnet18", input_kind="image", si_group="none", engines=("images",))
+@register_model("resnet18", input_kind="image", si_group="none", engines=("fused", "images"))
 def build_resnet18(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> PreActResNet18:
     """Regular pre-activation ResNet-18 of width cfg.width (SPEC practical setting: 64)."""
     return PreActResNet18(input_shape[0], cfg.width, num_outputs, si=False)

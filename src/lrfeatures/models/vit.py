@@ -109,20 +109,29 @@ class LocalitySelfAttention(nn.Module):
         """Boolean [N, N] mask, False on the diagonal: a token never attends to itself."""
         return ~torch.eye(n, dtype=torch.bool, device=device)
 
+    def _softmax(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        scores = (q @ k.transpose(-1, -2)).masked_fill(~self._allowed(q.shape[-2], q.device), float("-inf"))
+        return scores.softmax(dim=-1)
+
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """The softmax attention matrix [B, heads, N, N] (no dropout), for inspection."""
         q, k, _ = self._qkv(x)
-        scores = q @ k.transpose(-1, -2)
-        scores = scores.masked_fill(~self._allowed(x.shape[1], x.device), float("-inf"))
-        return scores.softmax(dim=-1)
+        return self._softmax(q, k)
+
+    # Set by the fused image engine: vmap has no batching rule for the fused attention kernels
+    # (it would loop over the models), while the explicit product batches over them.
+    explicit_attention = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, dim] -> [B, N, dim]."""
         q, k, v = self._qkv(x)
-        # The temperature is already in q, hence scale=1; the fused kernel applies the mask.
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=self._allowed(x.shape[1], x.device),
-            dropout_p=self.dropout if self.training else 0.0, scale=1.0)
+        if self.explicit_attention and not (self.training and self.dropout):
+            out = self._softmax(q, k) @ v
+        else:
+            # The temperature is already in q, hence scale=1; the fused kernel applies the mask.
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=self._allowed(x.shape[1], x.device),
+                dropout_p=self.dropout if self.training else 0.0, scale=1.0)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
         return self.out_drop(self.to_out(out))
 
@@ -226,13 +235,17 @@ def _build(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int, opt
                scale_invariant=scale_invariant, norm_eps=cfg.norm_eps)
 
 
-@register_model("vit", input_kind="image", si_group="none", options=ViTOptions, engines=("images",))
+@register_model("vit", input_kind="image", si_group="none", options=ViTOptions, engines=("fused", "images"),
+                description="ViT (SPT + LSA), practical setting; fused only without dropout "
+                            "(options.dropout = emb_dropout = 0)")
 def build_vit(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int, options: ViTOptions) -> ViT:
     """Regular ViT (SPT + LSA): dim = cfg.width (512 in the paper), depth = cfg.depth (6)."""
     return _build(cfg, input_shape, num_outputs, options, scale_invariant=False)
 
 
-@register_model("vit-si", input_kind="image", si_group="partial", options=ViTOptions, engines=("images",))
+@register_model("vit-si", input_kind="image", si_group="partial", options=ViTOptions, engines=("fused", "images"),
+                description="ViT with SI blocks on the sphere; fused only without dropout "
+                            "(options.dropout = emb_dropout = 0)")
 def build_vit_si(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int, options: ViTOptions) -> ViT:
     """ViT whose feed-forward linear weights are scale-invariant (LayerNorm after each)."""
     return _build(cfg, input_shape, num_outputs, options, scale_invariant=True)

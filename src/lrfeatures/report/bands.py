@@ -16,7 +16,7 @@ import torch
 from ..errors import DataError
 from ..store import ExperimentStore
 from .load import Experiment, model_kinds, over_seeds
-from .style import REGIME_COLORS, finish_kind_panel, kind_panels, plot_mean_std, save
+from .style import REGIME_COLORS, draw_regimes, finish_kind_panel, kind_panels, plot_mean_std, plr_axis, save
 
 BAND_COLORS = {"background": "0.35", "low": "#1f77b4", "mid": "#2ca02c", "high": "#d62728"}
 BAND_MODE_TEXT = {"keep": "only this band kept", "remove": "this band removed"}
@@ -190,12 +190,104 @@ def plot_band_example(exp: Experiment, path: str | Path) -> Path:
 BAND_FIGURES: list[tuple[str, Callable[[Experiment, Path], Path], str]] = [
     ("band_keep", plot_band_accuracy, "Test accuracy of each model on test images reduced to one frequency "
      "band (all other DFT coefficients zeroed), per band, against the PLR; black dashed: the same models on "
-     "whole images. SPEC §5: regime 2A models rely on mid frequencies."),
-    ("band_remove", plot_band_removal, "Test accuracy with one band removed (zeroed) and the others kept: a "
-     "band the model relies on costs accuracy when removed."),
+     "whole images."),
+    ("band_remove", plot_band_removal, "Test accuracy with one band removed (zeroed) and the others kept, per "
+     "band, against the PLR."),
     ("band_heatmap", plot_band_heatmap, "Pre-trained models: keep-band (top) and remove-band (bottom) test "
      "accuracy per PLR and band, seed mean ± std; regime of each PLR above its column."),
     ("band_example", plot_band_example, "How bands are formed: one test image, its keep-band images (each "
      "rescaled around grey = 0 for display) and its log-magnitude spectrum with the band edges (diamonds: "
      "d = |kx| + |ky| is an L1 distance)."),
+]
+
+
+# ---------------------------------------------------------------- band importance (bands-redundant)
+
+def band_feature_table(exp: Experiment) -> pd.DataFrame | None:
+    """band_features.parquet of a bands-redundant experiment, or None when it has none."""
+    from ..analysis.band_features import TABLE
+
+    path = Path(exp.root) / f"{TABLE}.parquet"
+    if not path.is_file():
+        return None
+    table = ExperimentStore(exp.root).table(TABLE)
+    return None if table.empty else table
+
+
+def has_band_features(exp: Experiment) -> bool:
+    """Whether the experiment has single-band probe results (the band_features measurement)."""
+    return band_feature_table(exp) is not None
+
+
+def _band_feature_models(exp: Experiment) -> tuple[pd.DataFrame, list[str]]:
+    """Per final model (diverged ones left out): keys, rank_r, winner, sparsity; and the band names."""
+    from ..analysis.band_features import band_names, per_model_summary
+
+    table = band_feature_table(exp)
+    if table is None:
+        raise DataError("band_features.parquet is missing; run a bands-redundant experiment "
+                        "(e.g. the images-bands-quick preset) to measure band importance")
+    per_model = per_model_summary(table)
+    return per_model[~per_model["diverged"].astype(bool)], band_names(table)
+
+
+def plot_band_importance(exp: Experiment, path: str | Path) -> Path:
+    """Sorted single-band probe accuracies (rank 1 darkest) vs PLR per model kind, and the test accuracy."""
+    from ..analysis.band_features import CHANCE
+
+    per_model, names = _band_feature_models(exp)
+    kinds = model_kinds(per_model)
+    colors = plt.get_cmap("viridis")(np.linspace(0.0, 0.8, len(names)))
+    fig, axes = kind_panels(kinds, 6.2, 4.4)
+    for ax, kind in zip(axes.flat, kinds):
+        rows = kind.select(per_model)
+        for rank in range(len(names)):
+            stats = over_seeds(rows, ["plr"], f"rank_{rank}")
+            plot_mean_std(ax, stats, color=colors[rank], linewidth=1.4, label=f"rank {rank + 1}")
+        finish_kind_panel(ax, axes, exp, kind, "probe accuracy", CHANCE, linewidth=1.4,
+                          label="test accuracy (all bands)")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), frameon=False,
+               fontsize="small")
+    fig.suptitle("Single-band probe accuracies, sorted per model (rank 1 = its most important band; "
+                 "mean ± std over seeds)", fontsize=12)
+    return save(fig, path)
+
+
+def plot_band_winner(exp: Experiment, path: str | Path) -> Path:
+    """Per PLR and model kind: the share of seeds whose most important band is each band (stacked bars)."""
+    per_model, names = _band_feature_models(exp)
+    kinds = model_kinds(per_model)
+    fig, axes = kind_panels(kinds, 6.2, 3.8)
+    for ax, kind in zip(axes.flat, kinds):
+        rows = kind.select(per_model)
+        share = pd.crosstab(rows["plr"], rows["winner"], normalize="index").reindex(columns=names, fill_value=0.0)
+        plrs = share.index.to_numpy(float)
+        # Bars a fixed fraction of a decade wide, so they stay apart on the log axis.
+        left, right = plrs * 10 ** -0.12, plrs * 10 ** 0.12
+        bottom = np.zeros(len(plrs))
+        for name in names:
+            ax.bar(left, share[name].to_numpy(), width=right - left, bottom=bottom, align="edge",
+                   color=BAND_COLORS.get(name), label=name)
+            bottom += share[name].to_numpy()
+        plr_axis(ax, exp)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("share of seeds")
+        draw_regimes(ax, exp.regimes)
+        ax.set_title(kind.name, pad=18, fontsize=11)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), frameon=False, fontsize="small",
+               title="band with the highest single-band probe accuracy")
+    fig.suptitle("Which band each model relies on most, per PLR", fontsize=12)
+    return save(fig, path)
+
+
+BAND_FEATURE_FIGURES: list[tuple[str, Callable[[Experiment, Path], Path], str]] = [
+    ("band_features", plot_band_importance, "Band importance on the bands-redundant task: each model's accuracy "
+     "on the single-band probe sets (band i carries the class, the other bands an independent class), "
+     "sorted per model, against the PLR, per model kind; black dashed: the same models on the task's test "
+     "images; dotted: chance."),
+    ("band_winner", plot_band_winner, "For each PLR and model kind, the share of seeds whose highest "
+     "single-band probe accuracy is on each band (ties go to the lower band). For models at chance accuracy the "
+     "winning band is decided by probe noise."),
 ]

@@ -14,11 +14,10 @@ from ..analysis.findings import FAILS, HOLDS, build_findings
 from ..analysis.tables import swa_k_of_choice
 from ..config import dump_toml
 from ..errors import DataError
-from .bands import BAND_FIGURES, band_normalization, band_order, band_rows
-from .curvature import CURVATURE_FIGURES
+from .bands import band_normalization, band_order, band_rows
+from .figures import all_captions
 from .load import Experiment, feature_summary, over_seeds
 from .style import REGIME_COLORS
-from .synthetic import FIGURES
 
 
 def format_number(value: float | None, digits: int = 3) -> str:
@@ -50,7 +49,10 @@ def vote_text(info: pd.Series) -> str:
 
 
 def regime_table(exp: Experiment) -> pd.DataFrame:
-    """Per PLR: regime, confidence, seed votes, diverged runs, test acc after PT / best FT / SWA, PT sparsity."""
+    """Per PLR: regime, confidence, seed votes, diverged runs, test acc after PT / best FT / SWA, PT sparsity.
+
+    The sparsity column is there only when the experiment has feature probes (features.parquet).
+    """
     table = exp.regimes.table.set_index("plr")
     plrs = sorted(set(table.index) | set(exp.evaluations["plr"].unique()))
     pre = over_seeds(exp.stage("pretrain"), ["plr"], "test_acc")
@@ -75,7 +77,7 @@ def regime_table(exp: Experiment) -> pd.DataFrame:
             match = best_ft[np.isclose(best_ft["plr"], plr)]
             if len(match) and np.isfinite(match["mean"].iloc[0]):
                 best = f"{format_number(match['mean'].iloc[0])} (FLR {match['flr'].iloc[0]:.3g})"
-        rows.append({
+        row = {
             "PLR": f"{plr:.3g}",
             "regime": _regime_name(info.get("regime")),
             "confidence": format_number(info.get("confidence", np.nan), 2),
@@ -84,8 +86,10 @@ def regime_table(exp: Experiment) -> pd.DataFrame:
             "test acc after PT": mean_std_text(pre, plr),
             "best FT (max over FLRs)": best,
             f"SWA K={k}" if k is not None else "SWA": mean_std_text(swa, plr) if swa is not None else "–",
-            f"sparsity after PT ({basis})": mean_std_text(sparsity, plr) if sparsity is not None else "–",
-        })
+        }
+        if sparsity is not None:
+            row[f"sparsity after PT ({basis})"] = mean_std_text(sparsity, plr)
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -177,8 +181,8 @@ def render_html(exp: Experiment, figures: dict[str, Path | str]) -> str:
     if "findings" not in exp.summary:
         parts.append("<p class='note'>summary.json has no findings block (written before 0.2): the findings "
                      "below were computed now from its per-PLR numbers.</p>")
-    parts += ["<h2>Findings</h2>", "<p>Each claim of the paper's synthetic picture, judged by the rule "
-              "shown on the numbers of the tables below (see <code>lrfeatures.analysis.findings</code>).</p>",
+    parts += ["<h2>Findings</h2>", "<p>Each claim of the paper, judged by the rule shown on this "
+              "experiment's numbers (the tables below) (see <code>lrfeatures.analysis.findings</code>).</p>",
               html_table(findings_table(exp)),
               "<h2>Regimes per PLR</h2>", html_table(regime_table(exp), regime_column="regime"),
               "<h2>Regime boundaries</h2>", html_table(boundary_table(exp))]
@@ -188,7 +192,7 @@ def render_html(exp: Experiment, figures: dict[str, Path | str]) -> str:
                   "(mean ± std over seeds); see <code>bands.parquet</code>.</p>",
                   html_table(band_table(exp), regime_column="regime")]
     parts.append("<h2>Figures</h2>")
-    captions = {key: caption for key, _, caption in FIGURES + BAND_FIGURES + CURVATURE_FIGURES}
+    captions = all_captions()
     for key, result in figures.items():
         if isinstance(result, Path):
             data = base64.b64encode(result.read_bytes()).decode("ascii")

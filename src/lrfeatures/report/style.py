@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.transforms import blended_transform_factory
 
+from ..analysis.summary import convergence_unit
 from .load import Experiment, ModelKind, Regimes, over_seeds
 
 REGIME_COLORS = {"1": "#1f77b4", "2": "#9467bd", "2A": "#2ca02c", "2B": "#ff7f0e", "3": "#d62728"}
@@ -69,6 +70,11 @@ def padded_plr_range(lo: float, hi: float) -> tuple[float, float]:
 def log_midpoint(a: float, b: float) -> float:
     """The geometric mean of two positive values, through logs (a product of two huge PLRs overflows)."""
     return float(np.exp((np.log(a) + np.log(b)) / 2))
+
+
+def cadence_unit(exp: Experiment) -> str:
+    """What one logged `step` of the metrics counts: 'step' (synthetic iterations) or 'epoch' (image runs)."""
+    return {"iterations": "step", "epochs": "epoch"}.get(convergence_unit(exp.config), "step")
 
 
 def plr_axis(ax, exp: Experiment) -> None:

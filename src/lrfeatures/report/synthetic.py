@@ -24,7 +24,7 @@ from ..analysis.tables import GEOMETRY_PAIRS
 from ..data.synthetic import get_shape
 from ..errors import DataError
 from .load import Experiment, feature_summary, model_kinds, over_seeds
-from .style import (REGIME_COLORS, draw_regimes, log_midpoint, padded_plr_range, finish_kind_panel, kind_panels, legend_outside,
+from .style import (REGIME_COLORS, cadence_unit, draw_regimes, log_midpoint, padded_plr_range, finish_kind_panel, kind_panels, legend_outside,
                     plot_band, plot_mean_std, plot_median_iqr, plr_axis, plr_colors, plr_limits, save,
                     sequential_colors, title)
 
@@ -186,6 +186,8 @@ def plot_convergence(exp: Experiment, path: str | Path) -> Path:
     boundary = (exp.regimes.boundaries.get("1/2") or {}).get("upper_plr")
     if boundary is not None:  # the figure is about the approach to the boundary
         table = table[table["plr"] <= boundary * 10 ** 0.5]
+    if not table["n_converged"].any():
+        raise DataError("no pre-training run below the 1/2 boundary reached the convergence loss")
     fig, ax = plt.subplots(figsize=(8, 4.5))
     plot_band(ax, table["plr"], table["median"], table["q25"], table["q75"], color="#1f77b4", linewidth=1.5,
               label="median over seeds (band: interquartile range)")
@@ -195,7 +197,10 @@ def plot_convergence(exp: Experiment, path: str | Path) -> Path:
                     xytext=(0, 6), ha="center", fontsize=7, color="0.3")
     plr_axis(ax, exp)
     ax.set_xlim(*padded_plr_range(table["plr"].min(), table["plr"].max()))
-    ax.set_yscale("log")
+    values = table[["median", "q25", "q75"]].to_numpy(float)
+    values = values[np.isfinite(values)]
+    if values.size and (values > 0).all():  # nothing to draw, or a run converged at step 0: a linear axis
+        ax.set_yscale("log")
     unit = table["unit"].iloc[0]
     ax.set_ylabel(f"{unit} to train loss < {table['threshold'].iloc[0]:g}")
     draw_regimes(ax, exp.regimes)
@@ -205,7 +210,7 @@ def plot_convergence(exp: Experiment, path: str | Path) -> Path:
 
 
 def plot_training_curves(exp: Experiment, path: str | Path) -> Path:
-    """Pre-training train loss and stochastic grad norm vs step, one curve per PLR coloured by regime."""
+    """Pre-training train loss and stochastic grad norm vs step or epoch, one curve per PLR coloured by regime."""
     pre = exp.metrics[exp.metrics["stage"] == "pretrain"]
     if pre.empty:
         raise DataError("metrics hold no pre-training rows; run pre-training to draw this figure")
@@ -223,7 +228,7 @@ def plot_training_curves(exp: Experiment, path: str | Path) -> Path:
             positive = stats["mean"].where(stats["mean"] > 0)  # log scale
             ax.plot(stats["step"], positive, color=color, linewidth=1.1)
         ax.set_yscale("log")
-        ax.set_xlabel("pre-training step")
+        ax.set_xlabel(f"pre-training {cadence_unit(exp)}")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         ax.set_title(f"{label.split(' (')[0]} (mean over seeds)", fontsize=11)
@@ -246,13 +251,19 @@ def plot_training_curves(exp: Experiment, path: str | Path) -> Path:
     return save(fig, path)
 
 
-FIGURES: list[tuple[str, Callable[[Experiment, Path], Path], str]] = [
+Figure = tuple[str, Callable[[Experiment, Path], Path], str]  # (key, draw, caption)
+
+SHAPE_FIGURES: list[Figure] = [
     ("tick", plot_tick, "One synthetic feature. Each class fills its region except a strip of the "
      "margin's width around the boundaries; an uninformative feature sits exactly on a boundary."),
+]
+ACCURACY_FIGURES: list[Figure] = [
     ("test_acc_finetune", plot_test_acc_finetune, "Test accuracy after fine-tuning each pre-trained "
      "model with every FLR (sequential colours), and after pre-training alone (black)."),
     ("swa_acc", plot_swa_acc, "Test accuracy of the average of the last K pre-training checkpoints, "
      "per K, with pre-training alone in black."),
+]
+FEATURE_FIGURES: list[Figure] = [
     ("features", plot_features, "Each run's single-feature accuracies (one per feature), sorted in "
      "descending order, then averaged over seeds: rank 1 is the most important feature of each run. "
      "Dashed: test accuracy with all features. Sparse feature use shows as one high curve and the "
@@ -261,13 +272,20 @@ FIGURES: list[tuple[str, Callable[[Experiment, Path], Path], str]] = [
      "seeds ± std): 1 when one feature carries the model, 0 when its use is no more concentrated than "
      "probe noise (dense use reads 0 too); missing for a dead model. Tables written before the margin "
      "column show the earlier accuracy-based index (the axis label says which)."),
+]
+TRAINING_FIGURES: list[Figure] = [
     ("geometry", plot_geometry, "Angular distance and linear-path error barriers between the solutions "
      "fine-tuned with the lowest and the highest FLR and the SWA model (median and interquartile "
-     "range over seeds). Near-zero barriers: one basin."),
-    ("convergence", plot_convergence, "Pre-training time to convergence, the first logged step with a "
-     "train loss below the threshold, per PLR up to just past the 1/2 boundary: median and "
+     "range over seeds); a barrier is the largest rise of the error along the straight path between two "
+     "solutions above the line joining their errors."),
+    ("convergence", plot_convergence, "Pre-training time to convergence, the first logged step or epoch "
+     "(the axis says which) with a train loss below the threshold, per PLR up to just past the 1/2 boundary: "
+     "median and "
      "interquartile range over seeds, a seed that never converged counting as longer than the run "
      "(so the median is missing where half of the seeds or more did not converge)."),
-    ("training_curves", plot_training_curves, "Pre-training traces, one curve per PLR, coloured by "
+    ("training_curves", plot_training_curves, "Pre-training train loss and stochastic gradient norm "
+     "(seed means) against the logged step or epoch (the axis says which), one curve per PLR, coloured by "
      "the PLR's regime (darker = larger PLR within a regime; see the colour key)."),
 ]
+# Every figure of this module, in page order (which kinds draw which: report/figures.py).
+FIGURES: list[Figure] = SHAPE_FIGURES + ACCURACY_FIGURES + FEATURE_FIGURES + TRAINING_FIGURES
