@@ -407,10 +407,10 @@ def check_curvature_fits(cfg: ImageConfig) -> None:
 
 
 def dataset_shape(cfg: ImageConfig) -> tuple[tuple[int, ...], int]:
-    """(input shape, classes) of the configured data set, from the registry's metadata or by loading it."""
+    """(input shape, classes) of the configured data set (loaded as the experiment loads it)."""
     d = cfg.data
-    dataset = load_image_dataset(d.dataset, d.root or None, 1, seed=cfg.seeds.data[0], classes=d.classes or None,
-                                 sha256=d.sha256 or None, test_fraction=d.test_fraction)
+    dataset = load_image_dataset(d.dataset, d.root or None, d.max_per_class or None, seed=cfg.seeds.data[0],
+                                 classes=d.classes or None, sha256=d.sha256 or None, test_fraction=d.test_fraction)
     return tuple(dataset.input_shape), dataset.num_classes
 
 
