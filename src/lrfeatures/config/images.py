@@ -14,7 +14,7 @@ import torch
 from ..errors import ConfigError
 from ..optim import OPTIMIZERS, OptimizerConfig, ScheduleConfig, build_optimizer
 from .base import get_field
-from .synthetic import check_stages
+from .synthetic import StageRate, check_stages
 from .sections import (CurvatureConfig, ExperimentSections, FinetuneGrid, ModelConfig, PretrainGrid, SphereConfig,
                        check_curvature, check_shared)
 
@@ -38,11 +38,9 @@ class ImageDataConfig:
 
 
 @dataclass
-class ImagePretrainStage:
-    """One pre-training stage before the last: a fixed ELR (`lr`) or a multiple of the grid PLR (`lr_scale`)."""
+class ImagePretrainStage(StageRate):
+    """An image pre-training stage: its rate (see StageRate) and length in epochs."""
 
-    lr: float = 0.0          # this stage's effective LR for every grid PLR (0: use lr_scale)
-    lr_scale: float = 0.0    # or lr_scale x the grid PLR (0: use lr)
     epochs: int = 0
 
 
@@ -94,7 +92,7 @@ class ImageEngineConfig:
     name: str = "auto"                # "fused": a stage's models as one program (engine/fused.py) | "single":
                                       # one at a time | "auto": fused on CUDA, single on CPU (faster there, measured)
     device: str = "cpu"
-    precision: str = "fp32"           # "fp32" | "bf16" (autocast on CPU and CUDA; sphere step and norm in fp32)
+    precision: str = "fp32"           # "fp32" | "bf16" (autocast, one-model engine only; sphere step and norm in fp32)
     channels_last: bool = False       # NHWC convolutions (one-model engine on CUDA; ignored elsewhere)
     memory_budget_gb: float = 4.0     # fused: models per chunk; single: kept checkpoints stay on the device
     train_seeds_per_shard: int = 0    # 0: all training seeds of a data seed (and all their PLRs) in one shard

@@ -24,11 +24,21 @@ class SyntheticDataConfig:
 
 
 @dataclass
-class PretrainStage:
-    """One pre-training stage before the last: a fixed ELR (`lr`) or a multiple of the grid PLR (`lr_scale`)."""
+class StageRate:
+    """The ELR of a pre-training stage before the last: a fixed ELR (`lr`) or a multiple of the grid PLR."""
 
     lr: float = 0.0          # this stage's effective LR for every grid PLR (0: use lr_scale)
     lr_scale: float = 0.0    # or lr_scale x the grid PLR (0: use lr)
+
+    def rate(self, plr: float) -> float:
+        """This stage's ELR for the model of grid PLR `plr`."""
+        return self.lr or self.lr_scale * plr
+
+
+@dataclass
+class PretrainStage(StageRate):
+    """A synthetic pre-training stage: its rate and length in iterations."""
+
     iterations: int = 0
 
 

@@ -21,6 +21,11 @@ and a chunk's results do not depend on which other models share it.
 
 Dropout (the ViT's default) draws per model inside vmap from one global stream, which would tie
 a model's masks to the chunk it runs in, so models with dropout > 0 are not fused (`fusable`).
+bf16 is not fused either: autocast does not reach inside `torch.func.vmap` (measured on torch
+2.13: a conv's output stays float32 under autocast, inside or outside the vmapped function), and
+casting by hand breaks BN's batching rule (bf16 input, float32 running statistics), so a "bf16"
+fused run would silently be fp32. `check_precision` refuses it; the recipe falls back to one model
+at a time.
 """
 
 from __future__ import annotations
@@ -42,10 +47,17 @@ from ..optim import OptimizerConfig, ScheduleConfig
 from ..seeding import generator
 from ..sphere import sphere_step
 from .common import LOG_FIELDS
-from .images import (CONVERGED_LOSS, DeviceImages, ImageTask, ImageTrainResult, amp_context, free_parameters,
+from .images import (CONVERGED_LOSS, DeviceImages, ImageTask, ImageTrainResult, free_parameters,
                      prepare_input, upcast)
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def check_precision(precision: str) -> None:
+    """Only fp32 runs fused (see the module docstring): a one-line error instead of a silent fp32 run."""
+    if precision != "fp32":
+        raise ConfigError(f"engine.precision={precision!r} cannot run on the fused engine (autocast does not reach "
+                          "inside torch.func.vmap); use engine.name='single' or engine.precision='fp32'")
 
 
 def fusable(model: nn.Module) -> str:
@@ -219,9 +231,8 @@ class FusedTrainer:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One step on normalized batches x [M, B, C, H, W] (or one shared [B, C, H, W]) with labels y [M, B]."""
         stack, m = self.stack, self.stack.size
-        with amp_context(x.device, self.precision == "bf16"):
-            # A shared batch enters unbatched: the first convolution is then one dense conv over all models.
-            logits = upcast(stack.forward(x, train=True, shared_input=x.dim() == 4))  # [M, B, K]
+        # A shared batch enters unbatched: the first convolution is then one dense conv over all models.
+        logits = upcast(stack.forward(x, train=True, shared_input=x.dim() == 4))  # [M, B, K]
         losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(m, -1).mean(1)
         # Each model's loss depends on its own parameters only, so the sum's gradient is per model.
         grads = torch.autograd.grad(losses.sum(), self.si + self.free)
@@ -278,14 +289,14 @@ def evaluate_stack(stack: StackedModels, x: torch.Tensor, y: torch.Tensor,
                    normalization: tuple[torch.Tensor, torch.Tensor], batch_size: int = 1000,
                    precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """Per model, eval-mode mean loss [M] and accuracy [M] on a whole set (device tensors)."""
+    check_precision(precision)
     m = stack.size
     loss_sum = torch.zeros(m, device=x.device, dtype=torch.float64)
     correct = torch.zeros(m, device=x.device, dtype=torch.int64)
     for start in range(0, len(x), batch_size):
         xb = prepare_input(x[start:start + batch_size], normalization)
         yb = y[start:start + batch_size]
-        with amp_context(x.device, precision == "bf16"):
-            logits = upcast(stack.forward(xb, train=False, shared_input=True)) # [M, b, K]
+        logits = upcast(stack.forward(xb, train=False, shared_input=True))  # [M, b, K]
         loss_sum += F.cross_entropy(logits.flatten(0, 1), yb.repeat(m), reduction="none").view(m, -1).sum(1)
         correct += (logits.argmax(2) == yb).sum(1)
     return loss_sum / len(x), correct.double() / len(x)
@@ -295,6 +306,7 @@ def evaluate_stack(stack: StackedModels, x: torch.Tensor, y: torch.Tensor,
 def recompute_bn_stack(stack: StackedModels, x_uint8: torch.Tensor, batch_size: int,
                        normalization: tuple[torch.Tensor, torch.Tensor], precision: str = "fp32") -> None:
     """Per model, reset BN running statistics and recompute them on `x_uint8` (the plain batch average)."""
+    check_precision(precision)
     norms = [m for m in stack.base.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
@@ -311,9 +323,8 @@ def recompute_bn_stack(stack: StackedModels, x_uint8: torch.Tensor, batch_size: 
             # momentum 1/k at the k-th batch is the same average.
             for m in norms:
                 m.momentum = 1.0 / k
-            with amp_context(x_uint8.device, precision == "bf16"):
-                stack.forward(prepare_input(x_uint8[start:start + batch_size], normalization), train=True,
-                              shared_input=True)
+            stack.forward(prepare_input(x_uint8[start:start + batch_size], normalization), train=True,
+                          shared_input=True)
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
@@ -363,6 +374,7 @@ def train_image_models(models: list[nn.Module], data: DeviceImages, tasks: list[
     """
     if not models:
         return []
+    check_precision(precision)
     check_homogeneous(tasks)
     per_model = model_bytes(models[0], data, tasks[0])
     results: list[ImageTrainResult] = []

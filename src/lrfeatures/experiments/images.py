@@ -219,6 +219,8 @@ class ImageRunner:
         name = self.cfg.engine.name
         if name == "single" or (name == "auto" and self.device.type != "cuda"):
             return f"engine.name={name!r} on {self.device.type}"
+        if self.precision != "fp32":
+            return f"engine.precision={self.precision!r} (autocast does not reach inside torch.func.vmap)"
         if "fused" not in model_entry(self.cfg.model.name).engines:
             return f"model {self.cfg.model.name} does not list the fused engine in its registry entry"
         return fusable(model)
@@ -307,7 +309,7 @@ class ImageRunner:
         models, rhos = [m for m, _ in built], [rho for _, rho in built]
         stage_results, stage_states = [[] for _ in refs], {}
         for i, stage in enumerate(cfg.pretrain.stages):
-            lrs = [stage.lr or stage.lr_scale * cfg.pretrain.lrs[r.plr_index] for r in refs]
+            lrs = [stage.rate(cfg.pretrain.lrs[r.plr_index]) for r in refs]
             tasks = [self.task(lr, stage.epochs, rho, f"pretrain-stage{i}", r, cfg.pretrain.log_every_epochs,
                                stage.epochs, 0, ()) for lr, rho, r in zip(lrs, rhos, refs)]
             for j, (model, result) in enumerate(zip(models, self.train_all(models, data, tasks))):

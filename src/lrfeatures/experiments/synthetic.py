@@ -193,7 +193,7 @@ class SyntheticRunner:
         """Run `pretrain.stages` from init [M, P]; the weights they end at and their results."""
         cfg, plrs, results = self.cfg, self.cfg.pretrain.lrs, []
         for i, stage in enumerate(cfg.pretrain.stages):
-            lrs = [stage.lr] * len(plrs) if stage.lr else [stage.lr_scale * plr for plr in plrs]
+            lrs = [stage.rate(plr) for plr in plrs]
             task = self.task(shard, f"pretrain-stage{i}", init, lrs, len(plrs), stage.iterations,
                              cfg.pretrain.log_every)
             results.append(self.train(task, self.data(shard.data_seed)))
