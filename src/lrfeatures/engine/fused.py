@@ -431,7 +431,7 @@ def _train_chunk(models: list[nn.Module], data: DeviceImages, tasks: list[ImageT
                             live = stack.buffers[name]
                             live.copy_(torch.where(mask.view((-1,) + (1,) * (live.dim() - 1)), buf, live))
             active = trainer.active.tolist()          # the one divergence check per epoch
-            if not all(active) and not all(stopped):
+            if any(not a and not s for a, s in zip(active, stopped)):  # a model diverged in this epoch
                 stopped = [not a for a in active]
                 frozen = {n: b.clone() for n, b in stack.buffers.items()}
         progress(m)

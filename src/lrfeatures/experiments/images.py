@@ -239,7 +239,7 @@ class ImageRunner:
             ckpt_bytes = 4 * task.keep_checkpoints * sum(p.numel() for p in model.parameters())
             on_device = ckpt_bytes <= self.cfg.engine.memory_budget_gb * 2**30
             results.append(train_image_model(model, data, task, self.augment, self.bf16, self.channels_last,
-                                             None if on_device else "cpu", lambda n: self.progress(n)))
+                                             None if on_device else "cpu", self.progress))
         return results
 
     def stacks(self, models: list[nn.Module], data: DeviceImages) -> list[tuple[range, StackedModels]] | None:
@@ -250,10 +250,14 @@ class ImageRunner:
         chunks = plan_chunks(len(models), model_bytes(models[0], data, task), self.cfg.engine.memory_budget_gb)
         return [(chunk, StackedModels([models[i] for i in chunk])) for chunk in chunks]
 
-    def evaluate_all(self, models: list[nn.Module], data: DeviceImages) -> list[dict[str, float]]:
-        """Per model, eval-mode loss and accuracy on train, test (and val); fused when the models allow it."""
+    def evaluate_all(self, models: list[nn.Module], data: DeviceImages,
+                     stacks: list[tuple[range, StackedModels]] | None = None) -> list[dict[str, float]]:
+        """Per model, eval-mode loss and accuracy on train, test (and val); fused when the models allow it.
+
+        `stacks`: the models already stacked (as `stacks` returns them), so they are not copied again.
+        """
         out: list[dict[str, float]] = [dict() for _ in models]
-        stacks = self.stacks(models, data)
+        stacks = stacks if stacks is not None else self.stacks(models, data)
         for split, (x, y) in {"train": (data.train_x, data.train_y), **data.eval_splits()}.items():
             if stacks is not None:
                 pairs = []
@@ -385,7 +389,7 @@ class ImageRunner:
         if stacks is None:
             models = [self.recompute_bn(model, data.train_x, data) for model in models]
         rows = []
-        for (ref, k), scores in zip(jobs, self.evaluate_all(models, data)):
+        for (ref, k), scores in zip(jobs, self.evaluate_all(models, data, stacks)):
             diverged = bool(flags[(flags["train_seed"] == ref.train_seed)
                                   & (flags["plr"] == cfg.pretrain.lrs[ref.plr_index])]["diverged"].any())
             finite = bool(torch.isfinite(pretrained[f"{ref.tag}.swa.k{k}"]).all())

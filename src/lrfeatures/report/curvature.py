@@ -12,9 +12,7 @@ from typing import Callable
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from ..errors import DataError, StoreError
-from ..store import ExperimentStore
-from .load import Experiment, model_kinds, over_seeds
+from .load import Experiment, has_table, measurement_table, model_kinds, over_seeds
 from .style import draw_regimes, legend_outside, plot_mean_std, plr_axis, save, title
 
 KIND_COLORS = ["k", "#1f77b4", "#d62728", "#2ca02c"]  # PT, FT lowest FLR, FT highest FLR, SWA
@@ -24,22 +22,12 @@ PANELS = [("sharpness_unit", "sharpness λ₁ of P H P"), ("hessian_trace_unit",
 
 def curvature_table(exp: Experiment) -> pd.DataFrame:
     """curvature.parquet of the experiment (DataError when it was not measured)."""
-    try:
-        table = ExperimentStore(exp.root).table("curvature")
-    except StoreError:
-        table = pd.DataFrame()
-    if table.empty:
-        raise DataError("curvature.parquet is missing or empty; run with --set curvature.enabled=true")
-    return table
+    return measurement_table(exp, "curvature", "run with --set curvature.enabled=true")
 
 
 def has_curvature(exp: Experiment) -> bool:
     """Whether the experiment has a non-empty curvature table."""
-    try:
-        curvature_table(exp)
-    except DataError:
-        return False
-    return True
+    return has_table(exp, "curvature")
 
 
 def plot_by_kind(ax, exp: Experiment, table: pd.DataFrame, column: str, log: bool) -> None:

@@ -16,9 +16,8 @@ import numpy as np
 import pandas as pd
 
 from ..analysis.filter_norms import BIN_COLUMNS, BIN_WIDTH, N_BINS
-from ..errors import DataError, StoreError
-from ..store import ExperimentStore
-from .load import Experiment
+from ..errors import DataError
+from .load import Experiment, has_table, measurement_table
 from .style import REGIME_COLORS, save
 
 EDGES = np.arange(N_BINS + 2) * BIN_WIDTH  # the last bin (ratios >= 3) is drawn as [3, 3.1)
@@ -26,22 +25,12 @@ EDGES = np.arange(N_BINS + 2) * BIN_WIDTH  # the last bin (ratios >= 3) is drawn
 
 def filter_norm_table(exp: Experiment) -> pd.DataFrame:
     """filter_norms.parquet of the experiment (DataError when it was not measured)."""
-    try:
-        table = ExperimentStore(exp.root).table("filter_norms")
-    except StoreError:
-        table = pd.DataFrame()
-    if table.empty:
-        raise DataError("filter_norms.parquet is missing or empty; the analyze stage writes it")
-    return table
+    return measurement_table(exp, "filter_norms", "the analyze stage writes it")
 
 
 def has_filter_norms(exp: Experiment) -> bool:
     """Whether the experiment has a non-empty filter-norm table."""
-    try:
-        filter_norm_table(exp)
-    except DataError:
-        return False
-    return True
+    return has_table(exp, "filter_norms")
 
 
 def regime_labels(exp: Experiment, plrs: pd.Series) -> pd.Series:

@@ -82,6 +82,19 @@ class Experiment:
         return self.evaluations[self.evaluations["stage"] == stage]
 
 
+def measurement_table(exp: "Experiment", name: str, missing: str) -> pd.DataFrame:
+    """DIR/<name>.parquet of the experiment; DataError(`missing`) when it is absent or empty."""
+    table = _optional_table(ExperimentStore(exp.root), name)
+    if table is None:
+        raise DataError(f"{name}.parquet is missing or empty; {missing}")
+    return table
+
+
+def has_table(exp: "Experiment", name: str) -> bool:
+    """Whether the experiment holds a non-empty DIR/<name>.parquet."""
+    return _optional_table(ExperimentStore(exp.root), name) is not None
+
+
 def _optional_table(store: ExperimentStore, name: str) -> pd.DataFrame | None:
     try:
         table = store.table(name)
