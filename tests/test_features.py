@@ -158,7 +158,8 @@ def test_margin_index_pure_noise_reads_zero_on_average():
     noise = rng.normal(size=(20000, F)) * 0.2
     assert margin_effective_features(noise).mean() == pytest.approx(noise_effective_features(F), rel=0.02)
     values = margin_sparsity(noise)
-    assert values.mean() < 0.1 and np.median(values) < 0.05  # clipped at 0 below N_0, so the mean is >0
+    # Clipped at 0 below N_0, so the mean is > 0: one large noise draw concentrates the energy.
+    assert values.mean() < 0.15 and np.median(values) < 0.05
 
 
 def test_margin_index_dead_model_is_undefined():

@@ -110,6 +110,14 @@ def test_local_executor_is_experiment_run(local_run, tmp_path, one_thread):
     assert_same_tables(local_run, tmp_path)
 
 
+def test_local_workers_share_the_shards_and_give_the_same_tables(local_run, tmp_path, one_thread):
+    """--workers 2: two processes claim shards through the leases; the tables are the one-process ones."""
+    run_experiment(ExperimentFactory(tiny_config(), tmp_path), LocalExecutor(workers=2))
+    assert_same_tables(local_run, tmp_path)  # (which process ran which shard depends on start-up times)
+    with pytest.raises(ConfigError, match="--workers=0 must be >= 1"):
+        LocalExecutor(workers=0)
+
+
 @pytest.mark.parametrize("kind", ["synthetic", "images"])
 def test_every_dependency_is_planned_before_its_shard(kind, tmp_path):
     if kind == "images":

@@ -79,6 +79,8 @@ def add_executor_flags(parser: argparse.ArgumentParser) -> None:
                         help="run shards in this process (default) or as Ray tasks")
     parser.add_argument("--ray-address", help="Ray cluster to join, e.g. auto or HOST:6379 "
                         "(default: $RAY_ADDRESS, else a local Ray instance)")
+    parser.add_argument("--workers", type=int, help="local executor: processes that share the shards "
+                        "(default: 1; e.g. 2 for a 1-thread preset on a 2-core machine)")
     parser.add_argument("--cpus-per-shard", type=float, help="CPUs Ray reserves per shard (default: 1)")
     parser.add_argument("--gpus-per-shard", type=float,
                         help="GPUs Ray reserves per shard (default: 1 if the device is cuda, else 0)")
@@ -268,7 +270,8 @@ def run_on_executor(args: argparse.Namespace, cfg, out: Path) -> dict:
     """Run every pending shard of the experiment on the chosen executor (local: experiment.run())."""
     from .experiments.executor import ExperimentFactory, make_executor, run_experiment
 
-    executor = make_executor(args.executor, cfg, args.ray_address, args.cpus_per_shard, args.gpus_per_shard)
+    executor = make_executor(args.executor, cfg, args.ray_address, args.cpus_per_shard, args.gpus_per_shard,
+                             args.workers)
     return run_experiment(ExperimentFactory(cfg, out, args.allow_version_change), executor, quiet=args.quiet)
 
 
@@ -297,29 +300,14 @@ def write_report_checked(out: Path, kind: str | None = None) -> Path:
     return recipe_for(kind or ExperimentStore(out).config().kind).report(Path(out))
 
 
-def load_plugins(names: list[str]) -> None:
-    """Import the user's extension modules: --plugin, $LRFEATURES_PLUGINS and installed entry points."""
-    import importlib
-    import os
-    from importlib.metadata import entry_points
-
-    names = names + [n.strip() for n in os.environ.get("LRFEATURES_PLUGINS", "").split(",") if n.strip()]
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except ImportError as err:
-            raise LrfError(f"--plugin {name!r} cannot be imported ({err}); give an importable module name "
-                           "(on PYTHONPATH or installed)") from None
-    for point in entry_points(group="lrfeatures.plugins"):
-        point.load()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point: errors a user can fix are one line on stderr and exit code 2."""
     # Plugins first: the models and data sets they register are choices of the full parser.
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--plugin", action="append", default=[])
     try:
+        from .plugins import load_plugins
+
         load_plugins(early.parse_known_args(argv)[0].plugin)
     except LrfError as err:
         print(f"lrfeatures: error: {err}", file=sys.stderr)

@@ -12,9 +12,10 @@ margin_i is the class-balanced mean centred true-class logit: 0 for a model that
 (its logits do not depend on the label), and exactly 0 for constant logits whatever the class
 counts. For two classes with logits (-z/2, z/2) it is the binary margin (E[z|1] - E[z|0])/2 of
 the feature probes, so the band sparsity index below is the feature sparsity index with bands
-for features: N_eff = (sum_i |m_i|)^2 / sum_i m_i^2 and
-sparsity = clip((N_0 - N_eff) / (N_0 - 1), 0, 1), N_0 = 1 + (B - 1) 2/pi (analysis/features.py);
-NaN for a dead model. With B = 3 bands: one band 1, two equal bands 0.21, three equal bands 0.
+for features: e_i = m_i^2 / sum_j m_j^2, N_eff = 1 / sum_i e_i^2 and
+sparsity = clip((N_0 - N_eff) / (N_0 - 1), 0, 1), N_0 = 1.81 for B = 3 (analysis/features.py);
+NaN for a dead model. With B = 3 bands: one band 1, two or three equal bands 0 (N_eff 2 and 3
+are not more concentrated than noise over 3 bands).
 
 Table `band_features` (one row per model x band): KEY_COLUMNS, pretrain_stage (-1 for the final
 models; 0, 1, ... for the earlier pre-training stages of a two-stage run), band, band_index,

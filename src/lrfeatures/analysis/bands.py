@@ -123,7 +123,7 @@ def band_correct(models: list[nn.Module], images: torch.Tensor, labels: torch.Te
                 xb = flat[s:s + batch_size]
                 if channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
-                with amp_context(device, bf16):
+                with amp_context(model, bf16):
                     predictions.append(model(xb).float().argmax(1))
             hits = torch.cat(predictions).view(len(MODES), n_bands, -1) == y
             correct[i] += hits.sum(-1)

@@ -5,8 +5,9 @@ The paper reads sparsity off the sorted accuracy curves; we also summarise each 
 number, built from each probe set's class-balanced mean signed logit (column `margin`):
 
     m_i   = (E[z | y=1] - E[z | y=0]) / 2            on probe set i (z: the model's logit)
-    N_eff = (sum_i |m_i|)^2 / sum_i m_i^2             effective number of used features, in [1, F]
-    N_0   = 1 + (F - 1) * 2/pi                        what N_eff reads when every m_i is pure noise
+    e_i   = m_i^2 / sum_j m_j^2                       feature i's share of the class signal
+    N_eff = 1 / sum_i e_i^2                           effective number of used features, in [1, F]
+    N_0   = E[N_eff] when every m_i is i.i.d. Gaussian probe noise (6.45 for F = 16, 1.81 for F = 3)
     sparsity = clip((N_0 - N_eff) / (N_0 - 1), 0, 1)  1 = one feature, 0 = no more concentrated than noise
 
 Why the margin and not the accuracy: at n_probe = 1000 a weakly used feature moves the
@@ -16,16 +17,20 @@ zeroes half of them and reads noise as sparsity (issue 15). The margin is contin
 the logit's size and not only its sign, and a constant logit (a dead model) scores exactly 0
 whatever the probe set's class counts.
 
-Why |m_i| and no floor: the sampling noise of m_i is symmetric around its true value, so
-clamping would again turn noise into zeros. Both signs are reliance on feature i (a negative
-margin is reliance in the wrong direction on that probe distribution).
+Why squared margins: squared separations are what add up over independent cues (a linear
+read-out's d'^2 is the sum of the per-cue d_i'^2), so e_i is the fraction of the model's
+class signal that feature i carries, and the shares sum to 1. Shares of |m_i| do not add: 2
+features at 0.5 each separate as well as one at 0.71, not one at 1.0. N_eff is the inverse
+Simpson index of these shares: k equally used features give N_eff = k at any strength.
+No floor: the sampling noise of m_i is symmetric around its true value, so clamping would
+turn noise into zeros. Both signs are reliance on feature i (a negative margin is reliance in
+the wrong direction on that probe distribution).
 
-Why N_0: N_eff is the inverse Simpson index (participation ratio) of the |m_i|: k equally used
-features give N_eff = k at any strength. When all m_i are noise of one scale sigma (a model
-that uses no feature beyond the probes' sampling error), E(sum |m|)^2 / E sum m^2 =
-1 + (F - 1)(E|m|)^2 / E m^2 = 1 + (F - 1) * 2/pi (10.5 for F = 16). Dense use and pure noise
-are then told apart from concentrated use, not from each other: the index measures
-concentration beyond what noise produces, and is 0 for both.
+Why N_0: when all m_i are noise of one scale (a model that uses no feature beyond the probes'
+sampling error) N_eff is not F but about N_0, so dense use and pure noise are both told apart
+from concentrated use, not from each other: the index measures concentration beyond what noise
+produces, and is 0 for both. N_0 is computed once per F by a fixed-seed Monte Carlo
+(`noise_effective_features`), so it is the same number everywhere.
 
 effective_features is N_eff; the index is a decreasing function of it, so the two agree.
 Both are NaN when sum_i |m_i| < MARGIN_TOL (a dead model: its logit ignores every feature).
@@ -38,7 +43,7 @@ floor one standard error sqrt(chance (1 - chance) / n_probe) and NaN when sum a_
 
 from __future__ import annotations
 
-import math
+from functools import lru_cache
 
 import numpy as np
 import pandas as pd
@@ -76,21 +81,27 @@ def noise_floor(n_probe: int, chance: float = 0.5) -> float:
 MARGIN_TOL = 1e-6  # summed |margin| (logit units) below which the model's logit ignores every feature
 
 
+NOISE_DRAWS = 200_000  # Monte Carlo draws for N_0: its standard error is below 1e-3
+
+
+@lru_cache(maxsize=None)
 def noise_effective_features(num_features: int) -> float:
-    """N_eff of margins that are pure noise of one scale: 1 + (F - 1) * 2/pi."""
-    return 1 + (num_features - 1) * 2 / math.pi
+    """N_0: the mean N_eff of i.i.d. Gaussian margins over num_features (fixed-seed Monte Carlo)."""
+    rng = np.random.default_rng(0)
+    energy = rng.standard_normal((NOISE_DRAWS, num_features)) ** 2
+    return float((energy.sum(1) ** 2 / (energy ** 2).sum(1)).mean())
 
 
 def margin_effective_features(margin, tol: float = MARGIN_TOL):
-    """(sum |m|)^2 / sum m^2 in [1, F] per model over the last axis; NaN for a dead model."""
+    """1 / sum_i e_i^2 with e_i = m_i^2 / sum m^2, in [1, F] per model over the last axis; NaN for a dead model."""
     tensor, back = _as_tensor(margin)
     if tensor.shape[-1] < 2:
         raise DataError(f"sparsity needs at least 2 features, got {tensor.shape[-1]}; "
                         "pass margins with the features on the last axis")
-    size = tensor.abs()
-    total = size.sum(-1)
-    n_eff = total.square() / size.square().sum(-1).clamp_min(torch.finfo(tensor.dtype).tiny)
-    return back(torch.where(total < tol, torch.full_like(n_eff, float("nan")), n_eff))
+    energy = tensor.square()
+    n_eff = energy.sum(-1).square() / energy.square().sum(-1).clamp_min(torch.finfo(tensor.dtype).tiny)
+    dead = tensor.abs().sum(-1) < tol
+    return back(torch.where(dead, torch.full_like(n_eff, float("nan")), n_eff))
 
 
 def margin_sparsity(margin, tol: float = MARGIN_TOL):

@@ -27,7 +27,7 @@ image task, analysis/band_features.py; summary.json's measurements.band_features
       mean over the 2A PLRs, b = the highest over the lower half of regime 1. Holds if
       a - b >= SPARSITY_GAP. The block also names the band that wins most often in 2A.
   B2  regime 1 uses all bands: b (as in B1) <= DENSE_MAX, the band sparsity of three about
-      equally used bands plus probe noise (two equal bands score 0.21, one band 1).
+      equally used bands plus probe noise (two or three equal bands score 0, one band 1).
 
 The S2 rule repeats part of what makes a PLR 2A (best variant within the best tolerance of the
 best anywhere), so it mostly checks that the regime labels and the tables agree.

@@ -93,7 +93,7 @@ class ImageEngineConfig:
                                       # one at a time | "auto": fused on CUDA, single on CPU (faster there, measured)
     device: str = "cpu"
     precision: str = "fp32"           # "fp32" | "bf16" (autocast, one-model engine only; sphere step and norm in fp32)
-    channels_last: bool = False       # NHWC convolutions (one-model engine on CUDA; ignored elsewhere)
+    channels_last: bool = False       # NHWC convolutions (one-model engine; CPU and CUDA)
     memory_budget_gb: float = 4.0     # fused: models per chunk; single: kept checkpoints stay on the device
     train_seeds_per_shard: int = 0    # 0: all training seeds of a data seed (and all their PLRs) in one shard
     eval_batch_size: int = 1000

@@ -21,11 +21,10 @@ and a chunk's results do not depend on which other models share it.
 
 Dropout (the ViT's default) draws per model inside vmap from one global stream, which would tie
 a model's masks to the chunk it runs in, so models with dropout > 0 are not fused (`fusable`).
-bf16 is not fused either: autocast does not reach inside `torch.func.vmap` (measured on torch
-2.13: a conv's output stays float32 under autocast, inside or outside the vmapped function), and
-casting by hand breaks BN's batching rule (bf16 input, float32 running statistics), so a "bf16"
-fused run would silently be fp32. `check_precision` refuses it; the recipe falls back to one model
-at a time.
+bf16 (`engine.precision`) uses the one-model engine's rule, `amp_context`: convolutions and linear
+layers compute in bf16, BN and the rest in fp32. autocast cannot do it here: it does not reach
+inside `torch.func.vmap` (on torch 2.13 a conv's output stays fp32 under autocast), so a fused
+"bf16" run under autocast would silently be fp32.
 """
 
 from __future__ import annotations
@@ -47,17 +46,19 @@ from ..optim import OptimizerConfig, ScheduleConfig
 from ..seeding import generator
 from ..sphere import sphere_step
 from .common import LOG_FIELDS
-from .images import (CONVERGED_LOSS, DeviceImages, ImageTask, ImageTrainResult, free_parameters,
+from .images import (CONVERGED_LOSS, DeviceImages, ImageTask, ImageTrainResult, amp_context, free_parameters,
                      prepare_input, upcast)
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 def check_precision(precision: str) -> None:
-    """Only fp32 runs fused (see the module docstring): a one-line error instead of a silent fp32 run."""
-    if precision != "fp32":
-        raise ConfigError(f"engine.precision={precision!r} cannot run on the fused engine (autocast does not reach "
-                          "inside torch.func.vmap); use engine.name='single' or engine.precision='fp32'")
+    """A one-line error for a precision the engines do not know."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"engine.precision={precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
 
 
 def fusable(model: nn.Module) -> str:
@@ -100,14 +101,16 @@ class StackedModels:
                 module.explicit_attention = True
         self.size = len(models)
 
-    def forward(self, x: torch.Tensor, train: bool, shared_input: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, train: bool, shared_input: bool = False,
+                precision: str = "fp32") -> torch.Tensor:
         """Logits [M, B, K] for inputs [M, B, C, H, W] (or one batch [B, C, H, W] with shared_input)."""
         self.base.train(train)
 
         def one(params: dict, buffers: dict, xb: torch.Tensor) -> torch.Tensor:
             return functional_call(self.base, (params, buffers), (xb,))
 
-        return vmap(one, in_dims=(0, 0, None if shared_input else 0))(self.params, self.buffers, x)
+        with amp_context(self.base, precision == "bf16"):
+            return vmap(one, in_dims=(0, 0, None if shared_input else 0))(self.params, self.buffers, x)
 
     def tracked(self) -> torch.Tensor:
         """The tracked vectors [M, P]: SI group, then the other trainable parameters (as checkpoints hold)."""
@@ -232,7 +235,7 @@ class FusedTrainer:
         """One step on normalized batches x [M, B, C, H, W] (or one shared [B, C, H, W]) with labels y [M, B]."""
         stack, m = self.stack, self.stack.size
         # A shared batch enters unbatched: the first convolution is then one dense conv over all models.
-        logits = upcast(stack.forward(x, train=True, shared_input=x.dim() == 4))  # [M, B, K]
+        logits = upcast(stack.forward(x, train=True, shared_input=x.dim() == 4, precision=self.precision))
         losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(m, -1).mean(1)
         # Each model's loss depends on its own parameters only, so the sum's gradient is per model.
         grads = torch.autograd.grad(losses.sum(), self.si + self.free)
@@ -296,7 +299,7 @@ def evaluate_stack(stack: StackedModels, x: torch.Tensor, y: torch.Tensor,
     for start in range(0, len(x), batch_size):
         xb = prepare_input(x[start:start + batch_size], normalization)
         yb = y[start:start + batch_size]
-        logits = upcast(stack.forward(xb, train=False, shared_input=True))  # [M, b, K]
+        logits = upcast(stack.forward(xb, train=False, shared_input=True, precision=precision))  # [M, b, K]
         loss_sum += F.cross_entropy(logits.flatten(0, 1), yb.repeat(m), reduction="none").view(m, -1).sum(1)
         correct += (logits.argmax(2) == yb).sum(1)
     return loss_sum / len(x), correct.double() / len(x)
@@ -324,7 +327,7 @@ def recompute_bn_stack(stack: StackedModels, x_uint8: torch.Tensor, batch_size: 
             for m in norms:
                 m.momentum = 1.0 / k
             stack.forward(prepare_input(x_uint8[start:start + batch_size], normalization), train=True,
-                          shared_input=True)
+                          shared_input=True, precision=precision)
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum

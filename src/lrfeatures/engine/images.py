@@ -138,11 +138,42 @@ def bn_buffers(model: nn.Module) -> list[torch.Tensor]:
     return [b for b in model.buffers() if b.is_floating_point()]
 
 
-def amp_context(device: torch.device, bf16: bool):
-    """bf16 autocast (CPU or CUDA) when asked, else nothing; parameters and the sphere step stay fp32."""
-    if bf16 and device.type in ("cuda", "cpu"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+BF16_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+def _bf16_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A conv's or linear layer's forward with inputs and weights rounded to bf16; output in x's dtype."""
+    half = torch.bfloat16
+    weight, bias = self.weight.to(half), None if self.bias is None else self.bias.to(half)
+    if isinstance(self, nn.Linear):
+        out = F.linear(x.to(half), weight, bias)
+    else:
+        out = self._conv_forward(x.to(half), weight, bias)
+    return out.to(x.dtype)
+
+
+@contextlib.contextmanager
+def amp_context(model: nn.Module, bf16: bool):
+    """With bf16: the model's convolutions and linear layers compute in bf16 inside the block.
+
+    Everything else (BatchNorm, activations, pooling, attention softmax, the loss) stays in the
+    input's dtype (fp32), as do the parameters, gradients and the sphere step. Why not autocast:
+    it does not reach inside torch.func.vmap (torch 2.13: a conv's output stays fp32 under
+    autocast inside or outside the vmapped function), and a bf16 activation entering BN with fp32
+    running statistics breaks BN's batching rule. Casting at the layers that carry the FLOPs works
+    the same in both engines, so the fused and the one-model engine compute the same bf16 numbers.
+    """
+    patched = []
+    if bf16:
+        for module in model.modules():
+            if isinstance(module, BF16_LAYERS) and "forward" not in vars(module):
+                module.forward = _bf16_forward.__get__(module)  # an instance attribute shadows the class's
+                patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
 
 
 def upcast(logits: torch.Tensor) -> torch.Tensor:
@@ -175,7 +206,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     correct = torch.zeros((), device=x.device, dtype=torch.int64)
     for start in range(0, len(x), batch_size):
         xb = prepare_input(x[start:start + batch_size], normalization, channels_last)
-        with amp_context(x.device, bf16):
+        with amp_context(model, bf16):
             logits = upcast(model(xb))
         yb = y[start:start + batch_size]
         loss_sum += F.cross_entropy(logits, yb, reduction="sum")
@@ -203,7 +234,7 @@ def recompute_bn(model: nn.Module, x_uint8: torch.Tensor, batch_size: int,
     model.train()
     try:
         for start in range(0, len(x_uint8), batch_size):
-            with amp_context(x_uint8.device, bf16):
+            with amp_context(model, bf16):
                 model(prepare_input(x_uint8[start:start + batch_size], normalization, channels_last))
     finally:
         for m, momentum in zip(norms, momenta):
@@ -271,7 +302,7 @@ class SplitOptimizer:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One step on the normalized batch x [B, C, H, W]: sphere step for SI, optimizer step for the rest."""
         self.model.train()
-        with amp_context(x.device, self.bf16):
+        with amp_context(self.model, self.bf16):
             logits = upcast(self.model(x))
         loss = F.cross_entropy(logits, y)
         grads = torch.autograd.grad(loss, self.params + self.free)

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from ..config import dump_toml
 from ..errors import ConfigError, LrfError
+from ..plugins import load_plugins
 from ..store import ExperimentStore, lease_ttl
 from . import runtime
 
@@ -144,15 +145,18 @@ def executor_config(cfg: Any, cpus_per_shard: float | None = None,
 
 
 def make_executor(name: str, cfg: Any, address: str | None = None, cpus_per_shard: float | None = None,
-                  gpus_per_shard: float | None = None) -> "LocalExecutor | RayExecutor":
-    """The executor the CLI asked for ('local' or 'ray')."""
+                  gpus_per_shard: float | None = None, workers: int | None = None) -> "LocalExecutor | RayExecutor":
+    """The executor the CLI asked for ('local', with `workers` processes, or 'ray')."""
     if name == "local":
         given = [flag for flag, value in (("--ray-address", address), ("--cpus-per-shard", cpus_per_shard),
                                           ("--gpus-per-shard", gpus_per_shard)) if value is not None]
         if given:
             raise ConfigError(f"{' and '.join(given)} {'only applies' if len(given) == 1 else 'only apply'} to Ray; "
                               "add --executor ray or drop them")
-        return LocalExecutor()
+        return LocalExecutor(1 if workers is None else workers)
+    if workers is not None:
+        raise ConfigError("--workers only applies to --executor local; Ray runs as many shards as the "
+                          "cluster has room for (--cpus-per-shard)")
     if name == "ray":
         return RayExecutor(executor_config(cfg, cpus_per_shard, gpus_per_shard), address=address)
     raise ConfigError(f"--executor {name!r} is unknown; use local or ray")
@@ -174,16 +178,61 @@ def progress_bar(total: int, unit: str, quiet: bool, desc: str):
 # ---------------------------------------------------------------- local
 
 class LocalExecutor:
-    """Every shard in this process, in plan order: exactly `experiment.run()`."""
+    """Every shard on this machine: in this process (workers = 1: exactly `experiment.run()`), or
+    shared with workers - 1 more processes that claim shards through the store's leases.
+
+    Each process walks the same plan; a shard another process holds, or whose upstream is not
+    done, is polled until it is done, so when this process's walk ends every shard is done and
+    it merges the tables. A worker that dies leaves a lease that goes stale, and the shard is
+    then run again by whoever reaches it (the store's crash rule). Workers run at the recipe's
+    thread count, so 2 workers of a 1-thread preset use the 2 cores of this machine.
+    """
+
+    def __init__(self, workers: int = 1):
+        if workers < 1:
+            raise ConfigError(f"--workers={workers} must be >= 1")
+        self.workers = workers
 
     def run(self, factory: ExperimentFactory, quiet: bool = True) -> dict:
         """Run the experiment with a progress bar over training work; returns its summary."""
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
+        done = context.Value("q", 0)
         with progress_bar(0, factory.unit, quiet, "training") as bar:
-            experiment = factory.build(progress=bar.update)
+            def progress(n: int) -> None:
+                with done.get_lock():
+                    done.value += n
+                bar.update(done.value - bar.n)
+
+            experiment = factory.build(progress=progress)  # the store exists before any worker opens it
             bar.total = sum(factory.shard_cost(s) for s in factory.plan_shards()
                             if not experiment.store.is_done(s.name))
             bar.refresh()
-            return experiment.run()
+            experiment.store.clean_partial()  # before the workers start: their fresh leases are not partial
+            workers = [context.Process(target=pool_worker, args=(factory, done), daemon=True,
+                                       name=f"lrfeatures-worker-{i}") for i in range(1, self.workers)]
+            for worker in workers:
+                worker.start()
+            try:
+                experiment.run_shards()
+            finally:
+                for worker in workers:
+                    worker.join(timeout=60)
+                    if worker.is_alive():
+                        worker.terminate()
+            bar.update(done.value - bar.n)
+            return experiment.finalize()
+
+
+def pool_worker(factory: ExperimentFactory, done: Any) -> None:
+    """A local worker process: walk the plan, claiming what no other process holds."""
+    load_plugins([])  # the parent's --plugin modules, passed down in $LRFEATURES_PLUGINS
+    def progress(n: int) -> None:
+        with done.get_lock():
+            done.value += n
+
+    factory.build(progress=progress).run_shards()
 
 
 # ---------------------------------------------------------------- ray

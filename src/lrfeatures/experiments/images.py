@@ -157,10 +157,8 @@ class ImageRunner:
         check_layout(store)
         self.device = resolve_device(cfg.engine.device)
         on_cuda = self.device.type == "cuda"
-        if cfg.engine.channels_last and not on_cuda:
-            warnings.warn(f"engine.channels_last only applies on CUDA; ignored on {self.device}", stacklevel=2)
         self.precision = cfg.engine.precision
-        self.bf16, self.channels_last = self.precision == "bf16", cfg.engine.channels_last and on_cuda
+        self.bf16, self.channels_last = self.precision == "bf16", cfg.engine.channels_last
         if self.bf16 and not on_cuda and not cpu_has_bf16():
             warnings.warn("engine.precision='bf16' on a CPU without bf16 matrix units (no amx_bf16 or "
                           "avx512_bf16 in /proc/cpuinfo): bf16 is emulated and far slower than fp32 here",
@@ -219,8 +217,6 @@ class ImageRunner:
         name = self.cfg.engine.name
         if name == "single" or (name == "auto" and self.device.type != "cuda"):
             return f"engine.name={name!r} on {self.device.type}"
-        if self.precision != "fp32":
-            return f"engine.precision={self.precision!r} (autocast does not reach inside torch.func.vmap)"
         if "fused" not in model_entry(self.cfg.model.name).engines:
             return f"model {self.cfg.model.name} does not list the fused engine in its registry entry"
         return fusable(model)

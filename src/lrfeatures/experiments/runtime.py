@@ -383,9 +383,13 @@ class Experiment:
     def run(self) -> dict:
         """Run every pending shard in order, then merge the tables and write summary.json."""
         self.store.clean_partial()
+        self.run_shards()
+        return self.finalize()
+
+    def run_shards(self) -> None:
+        """Run or wait for every shard of the plan (other workers may hold some), at the recipe's threads."""
         with torch_threads(self.recipe.threads(self.cfg)):
             run_until_done(self.plan(), self.run_shard)
-        return self.finalize()
 
     def finalize(self) -> dict:
         """Merge shard tables into the experiment's tables (every planned shard intact) and write its summary."""
