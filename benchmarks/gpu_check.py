@@ -1,13 +1,13 @@
 """The GPU part of benchmarks/gpu_check.sh: fused vs one-model on CUDA, and the images-paper time estimate.
 
-1. Agreement on CUDA: a tiny SI ConvNet grid (3 PLRs) trained fused (fp32/TF32) and one model
-   at a time in bf16 autocast: test accuracies within 0.05 and losses within 5 % (bf16
-   tolerance; the exact float64 agreement is a CPU test, tests/test_fused.py).
+1. Agreement on CUDA: a tiny SI ConvNet grid (3 PLRs) trained fused and one model at a time,
+   both in bf16 (convs in bf16, BN and the rest fp32: engine.images.amp_context): test
+   accuracies within 0.05 and losses within 5 % (bf16 tolerance; the exact float64 agreement is
+   a CPU test, tests/test_fused.py).
 2. Time of one epoch of the `images-paper` grid: SI ResNet-18 width 32, 25 PLRs, batch 128,
    on CIFAR-10 (the official archive under $LRFEATURES_DATA, or the JPEG copy given with
-   --data), fused (all 25 in one program, fp32 with TF32 convolutions: the fused engine does not
-   take bf16) against one model in bf16 + channels_last (timed on a slice of the epoch and
-   scaled to 25 models x the epoch).
+   --data), fused (all 25 in one program, bf16) against one model in bf16 + channels_last (timed
+   on a slice of the epoch and scaled to 25 models x the epoch).
 3. The estimate of the whole `images-paper` run from the fused epoch: 200 pre-training epochs,
    5 FLRs x 200 fine-tuning epochs (125 models fused, in chunks of the budget), SWA (one BN
    recompute + evaluation per K, ~1 forward epoch each) and the bands (12 band-filtered test
@@ -64,7 +64,8 @@ def agreement(data: DeviceImages) -> bool:
     small = DeviceImages(data.train_x[:4096], data.train_y[:4096], data.test_x[:2000], data.test_y[:2000],
                          data.mean, data.std)
     ones = [train_image_model(copy.deepcopy(model), small, t, bf16=True) for t in tasks]
-    fused = train_image_models([copy.deepcopy(model) for _ in tasks], small, tasks, memory_budget_gb=32.0)
+    fused = train_image_models([copy.deepcopy(model) for _ in tasks], small, tasks, precision="bf16",
+                               memory_budget_gb=32.0)
     ok = True
     for t, one, f in zip(tasks, ones, fused):
         acc_gap = abs(one.final["test_acc"] - f.final["test_acc"])
@@ -83,7 +84,7 @@ def paper_epoch(data: DeviceImages, budget_gb: float, single_steps: int) -> tupl
     tasks = [ImageTask(lr, 1, 128, 28.0, ("order", 0), log_every=1, ckpt_every=1) for lr in lrs]
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     fused_s = synced(lambda: train_image_models([copy.deepcopy(model) for _ in lrs], no_eval, tasks,
-                                                memory_budget_gb=budget_gb))
+                                                precision="bf16", memory_budget_gb=budget_gb))
     n = single_steps * 128
     part = DeviceImages(data.train_x[:n], data.train_y[:n], data.test_x[:0], data.test_y[:0], data.mean, data.std)
     train_image_model(copy.deepcopy(model), part, tasks[0], bf16=True, channels_last=True)  # warm-up
@@ -105,11 +106,11 @@ def main() -> None:
     data = DeviceImages.from_dataset(dataset, "cuda")
     print(f"data: {dataset.name}, {len(dataset.train_x)} train / {len(dataset.test_x)} test images; "
           f"device: {torch.cuda.get_device_name()}")
-    print("1. fused (fp32) vs one model (bf16) on CUDA:")
+    print("1. fused vs one model, both bf16, on CUDA:")
     agree = agreement(data)
     print(f"   {'agree' if agree else 'DISAGREE'} within bf16 tolerance")
-    print("2. one epoch of the images-paper grid (SI ResNet-18 w32, 25 PLRs, batch 128; fused fp32/TF32, "
-          "one model bf16):")
+    print("2. one epoch of the images-paper grid (SI ResNet-18 w32, 25 PLRs, batch 128; bf16, fused vs "
+          "one model + channels_last):")
     fused_s, single_s = paper_epoch(data, args.budget_gb, args.single_steps)
     print(f"   fused {fused_s:.1f} s, one model at a time {single_s:.1f} s (scaled), speedup {single_s / fused_s:.2f}x")
     epochs = PAPER_EPOCHS + PAPER_FLRS * PAPER_EPOCHS          # FT: 5x the models, same epochs

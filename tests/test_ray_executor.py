@@ -150,6 +150,16 @@ def test_ray_flags_without_ray_executor_are_an_error(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flags, message", [(["--workers", "0"], "--workers=0 must be >= 1"),
+                                             (["--workers", "2", "--executor", "ray"],
+                                              "--workers only applies to --executor local")])
+def test_bad_workers_flag_is_one_line_and_writes_nothing(tmp_path, capsys, flags, message):
+    code = main(["synthetic", "--out", str(tmp_path / "run"), *flags, *as_overrides((0, 1))])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_ray_is_one_line_with_install_hint(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
     code = main(["synthetic", "--executor", "ray", "--out", str(tmp_path / "run"), "--quiet", "--no-report",
@@ -244,3 +254,14 @@ def test_driver_killed_and_restarted_resumes(ray_address, tmp_path, one_thread):
     finally:
         torch.set_num_threads(threads)
     assert_same_tables(reference, root)
+
+
+def test_plugins_reach_worker_processes_through_the_environment(monkeypatch):
+    """--workers starts fresh processes: the parent's --plugin modules travel in $LRFEATURES_PLUGINS."""
+    from lrfeatures.plugins import ENV, load_plugins
+
+    monkeypatch.setenv(ENV, "")
+    load_plugins(["json", "json"])
+    assert os.environ[ENV] == "json"
+    load_plugins([])  # what a worker does: the names come back from the environment
+    assert os.environ[ENV] == "json"

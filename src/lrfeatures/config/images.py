@@ -92,7 +92,7 @@ class ImageEngineConfig:
     name: str = "auto"                # "fused": a stage's models as one program (engine/fused.py) | "single":
                                       # one at a time | "auto": fused on CUDA, single on CPU (faster there, measured)
     device: str = "cpu"
-    precision: str = "fp32"           # "fp32" | "bf16" (autocast, one-model engine only; sphere step and norm in fp32)
+    precision: str = "fp32"           # "fp32" | "bf16" (convs and linears in bf16, the rest fp32; both engines)
     channels_last: bool = False       # NHWC convolutions (one-model engine; CPU and CUDA)
     memory_budget_gb: float = 4.0     # fused: models per chunk; single: kept checkpoints stay on the device
     train_seeds_per_shard: int = 0    # 0: all training seeds of a data seed (and all their PLRs) in one shard
