@@ -220,13 +220,19 @@ def test_fused_equals_one_model_on_cuda():
         assert abs(one.final["test_acc"] - f.final["test_acc"]) <= 0.05
 
 
-def test_bf16_runs_fused_in_bf16_and_equals_the_one_model_engine(monkeypatch):
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_bf16_runs_fused_in_bf16_and_equals_the_one_model_engine(monkeypatch, device):
     """Fused bf16 computes its convolutions in bf16 (not a silent fp32 run) and matches one-model bf16."""
     import copy
 
     models, tasks = models_and_tasks("convnet-si", 2, plrs=(0.002, 0.01), seeds=(0,), epochs=2)
-    models, data = [m.float() for m in models], tiny_data()
-    data = DeviceImages(data.train_x, data.train_y, data.test_x, data.test_y, data.mean.float(), data.std.float())
+    models, data = [m.float().to(device) for m in models], tiny_data()
+    data = DeviceImages(*(t.to(device) for t in (data.train_x, data.train_y, data.test_x, data.test_y)),
+                        data.mean.float().to(device), data.std.float().to(device))
     seen, conv2d = [], torch.nn.functional.conv2d
 
     def spy(x, weight, *args, **kwargs):
