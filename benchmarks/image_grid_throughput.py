@@ -113,7 +113,7 @@ def compare(name: str, width: int, m: int, batch: int, steps: int, precision: st
         single_t = min(single_t, time_run(lambda: [train_image_model(copy.deepcopy(mod), data, t, bf16=bf16)
                                                    for mod, t in zip(models, work)]))
         fused_t = min(fused_t, time_run(lambda: train_image_models([copy.deepcopy(mod) for mod in models],
-                                                                   data, work, precision, memory_budget_gb=64.0)))
+                                                                   data, work, precision=precision, memory_budget_gb=64.0)))
     flops = train_flops(copy.deepcopy(models[0]), batch, device) * steps * m
     fused_t = fused_t if fused_t < float("inf") else float("nan")
     return dict(model=f"{name}-w{width}", m=m, precision=precision, single=m * n / single_t, fused=m * n / fused_t,
