@@ -85,6 +85,15 @@ class ImageOptimizerConfig:
                                tuple(self.betas), self.eps)
 
 
+PRECISIONS = ("fp32", "bf16")  # engine.precision values (engine.images.amp_context says what bf16 means)
+
+
+def check_precision(precision: str) -> None:
+    """A one-line error for a precision the engines do not know."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"engine.precision={precision!r} is unknown; use {' or '.join(map(repr, PRECISIONS))}")
+
+
 @dataclass
 class ImageEngineConfig:
     """Where and how models train."""
@@ -151,8 +160,7 @@ class ImageConfig(ExperimentSections):
         check_stages(self.pretrain.stages, "epochs")
         if self.engine.name not in ("auto", "fused", "single"):
             raise ConfigError(f"engine.name={self.engine.name!r} is unknown; use 'auto', 'fused' or 'single'")
-        if self.engine.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"engine.precision={self.engine.precision!r} is unknown; use 'fp32' or 'bf16'")
+        check_precision(self.engine.precision)
         if self.engine.train_seeds_per_shard < 0:
             raise ConfigError("engine.train_seeds_per_shard must be >= 0 (0 = all seeds in one shard)")
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
+from ..config.images import check_precision
 from ..data.batches import batch_indices
 from ..errors import ConfigError
 from ..models.registry import si_parameters
@@ -50,15 +51,6 @@ from .images import (CONVERGED_LOSS, DeviceImages, ImageTask, ImageTrainResult, 
                      prepare_input, upcast)
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-
-
-PRECISIONS = ("fp32", "bf16")
-
-
-def check_precision(precision: str) -> None:
-    """A one-line error for a precision the engines do not know."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"engine.precision={precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
 
 
 def fusable(model: nn.Module) -> str:

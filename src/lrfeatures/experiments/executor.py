@@ -199,11 +199,11 @@ class LocalExecutor:
 
         context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
         done = context.Value("q", 0)
+        count = counter(done)
         with progress_bar(0, factory.unit, quiet, "training") as bar:
             def progress(n: int) -> None:
-                with done.get_lock():
-                    done.value += n
-                bar.update(done.value - bar.n)
+                count(n)
+                bar.update(done.value - bar.n)  # every process's work, as of this update
 
             experiment = factory.build(progress=progress)  # the store exists before any worker opens it
             bar.total = sum(factory.shard_cost(s) for s in factory.plan_shards()
@@ -225,14 +225,19 @@ class LocalExecutor:
             return experiment.finalize()
 
 
-def pool_worker(factory: ExperimentFactory, done: Any) -> None:
-    """A local worker process: walk the plan, claiming what no other process holds."""
-    load_plugins([])  # the parent's --plugin modules, passed down in $LRFEATURES_PLUGINS
-    def progress(n: int) -> None:
+def counter(done: Any) -> Callable[[int], None]:
+    """A progress callback adding to `done`, a multiprocessing Value shared by the local workers."""
+    def count(n: int) -> None:
         with done.get_lock():
             done.value += n
 
-    factory.build(progress=progress).run_shards()
+    return count
+
+
+def pool_worker(factory: ExperimentFactory, done: Any) -> None:
+    """A local worker process: walk the plan, claiming what no other process holds."""
+    load_plugins([])  # the parent's --plugin modules, passed down in $LRFEATURES_PLUGINS
+    factory.build(progress=counter(done)).run_shards()
 
 
 # ---------------------------------------------------------------- ray
